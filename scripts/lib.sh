@@ -1,0 +1,77 @@
+# scripts/lib.sh — shared by dev.sh and test.sh: find or install PostgreSQL,
+# start a private cluster in a folder, stop it. Source it; don't run it.
+#
+#   pg_ensure_installed          installs the server from Debian packages if missing
+#   pg_start DIR PORT            initdb (once) + start on 127.0.0.1:PORT, trust auth
+#   pg_stop DIR                  fast stop (idempotent)
+#   free_port                    prints a free TCP port on 127.0.0.1
+#
+# As root the server runs as OS user `postgres` (PostgreSQL refuses root).
+
+pg_bin_dir() {
+  local d
+  for d in ${PGBIN:-} /usr/lib/postgresql/17/bin /usr/lib/postgresql/16/bin /usr/lib/postgresql/15/bin /usr/lib/postgresql/14/bin; do
+    [ -n "$d" ] && [ -x "$d/initdb" ] && { echo "$d"; return 0; }
+  done
+  command -v initdb >/dev/null 2>&1 && { dirname "$(command -v initdb)"; return 0; }
+  return 1
+}
+
+pg_ensure_installed() {
+  if PGBIN=$(pg_bin_dir); then export PGBIN; return 0; fi
+  echo "==> PostgreSQL server not found: installing it from Debian packages" >&2
+  local SUDO=""
+  if [ "$(id -u)" != 0 ]; then
+    command -v sudo >/dev/null 2>&1 || { echo "need root or sudo to apt-get install postgresql" >&2; return 1; }
+    SUDO=sudo
+  fi
+  $SUDO apt-get update -qq >&2
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq postgresql >&2
+  # Debian's package starts a cluster on 5432; we do not use it.
+  PGBIN=$(pg_bin_dir) || { echo "PostgreSQL installed but initdb not found" >&2; return 1; }
+  export PGBIN
+}
+
+as_pg() {
+  if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
+}
+
+pg_start() {
+  local dir=$1 port=$2
+  mkdir -p "$dir"
+  dir=$(cd "$dir" && pwd)
+  if [ "$(id -u)" = 0 ]; then chown postgres: "$dir"; fi
+  if [ ! -f "$dir/data/PG_VERSION" ]; then
+    as_pg "$PGBIN/initdb" -D "$dir/data" -U postgres --auth=trust --encoding=UTF8 --locale=C.UTF-8 >"$dir/initdb.log" 2>&1 \
+      || as_pg "$PGBIN/initdb" -D "$dir/data" -U postgres --auth=trust --encoding=UTF8 --locale=C >"$dir/initdb.log" 2>&1 \
+      || { cat "$dir/initdb.log" >&2; return 1; }
+  fi
+  if as_pg "$PGBIN/pg_ctl" -D "$dir/data" status >/dev/null 2>&1; then
+    as_pg "$PGBIN/pg_ctl" -D "$dir/data" -m fast -w stop >/dev/null 2>&1 || true
+  fi
+  as_pg "$PGBIN/pg_ctl" -D "$dir/data" -l "$dir/postgres.log" -w -t 60 \
+    -o "-c listen_addresses=127.0.0.1 -p $port -c unix_socket_directories='$dir' -c max_connections=200 ${PG_EXTRA_OPTS:-}" start >/dev/null \
+    || { tail -20 "$dir/postgres.log" >&2; return 1; }
+  local i
+  for i in $(seq 1 60); do
+    "$PGBIN/pg_isready" -q -h 127.0.0.1 -p "$port" && return 0
+    sleep 0.5
+  done
+  echo "PostgreSQL did not become ready on port $port" >&2
+  return 1
+}
+
+pg_stop() {
+  local dir=$1
+  [ -f "$dir/data/PG_VERSION" ] || return 0
+  as_pg "$PGBIN/pg_ctl" -D "$dir/data" -m fast -w stop >/dev/null 2>&1 || true
+}
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])' 2>/dev/null \
+    || echo $((20000 + RANDOM % 20000))
+}
+
+psql_url() {
+  "$PGBIN/psql" -X -v ON_ERROR_STOP=1 -q "$@"
+}

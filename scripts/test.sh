@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# scripts/test.sh — the whole test suite, from a fresh machine.
+#
+# Installs the PostgreSQL server if missing, starts a throw-away cluster on a
+# free port in a temporary folder, runs fmt/clippy checks and every test
+# against it (each integration test creates its own database), and removes
+# the cluster afterwards, whatever happened. Extra arguments go to `cargo test`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/lib.sh
+
+command -v cargo >/dev/null || { echo "cargo not found: install Rust (rustup) first" >&2; exit 1; }
+pg_ensure_installed
+
+PGDIR=$(mktemp -d "${TMPDIR:-/tmp}/ingest-test-pg.XXXXXX")
+PORT=$(free_port)
+cleanup() { pg_stop "$PGDIR"; rm -rf "$PGDIR"; }
+trap cleanup EXIT
+echo "==> throw-away PostgreSQL on 127.0.0.1:$PORT ($PGDIR)"
+pg_start "$PGDIR" "$PORT"
+export TEST_DATABASE_URL="postgres://postgres@127.0.0.1:$PORT/postgres"
+export PGBIN PGDIR PGPORT=$PORT
+
+if [ "${SKIP_LINT:-0}" != 1 ]; then
+  echo "==> cargo fmt --check"
+  cargo fmt --all -- --check
+  echo "==> cargo clippy --all-targets -- -D warnings"
+  cargo clippy --all-targets --quiet -- -D warnings
+fi
+echo "==> cargo test"
+cargo test "$@"

@@ -1,0 +1,72 @@
+//! The `Coordinator`: turns shard contents into batches for the writer.
+//!
+//! It wakes every flush interval, as soon as a shard reaches its size
+//! trigger, and once more when told to stop; each time it swaps every shard's
+//! buffer out, merges them into one [`Batch`] and queues it for the writer.
+//! When it stops, it drops its sender, which tells the writer no more
+//! batches will come. It never touches the database.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+
+use crate::batch::Batch;
+use crate::shard::ShardSet;
+use crate::stats::Stats;
+
+pub struct Coordinator {
+    shards: Arc<ShardSet>,
+    stats: Arc<Stats>,
+    batches: mpsc::Sender<Batch>,
+    interval: Duration,
+}
+
+impl Coordinator {
+    pub fn new(
+        shards: Arc<ShardSet>,
+        stats: Arc<Stats>,
+        batches: mpsc::Sender<Batch>,
+        interval: Duration,
+    ) -> Self {
+        Coordinator {
+            shards,
+            stats,
+            batches,
+            interval,
+        }
+    }
+
+    /// Runs until `stop` turns true, then flushes what is left and returns.
+    pub async fn run(self, mut stop: watch::Receiver<bool>) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(self.interval) => {}
+                _ = self.shards.wait_full() => {}
+                _ = stop.wait_for(|s| *s) => break,
+            }
+            self.flush().await;
+        }
+        self.flush().await;
+    }
+
+    /// Swaps all shards out and queues their contents as one batch.
+    pub async fn flush(&self) {
+        let parts = self.shards.take_all().await;
+        let batch = Batch::from_parts(parts);
+        if batch.is_empty() {
+            return;
+        }
+        let n = batch.len() as u64;
+        self.stats.in_writer.fetch_add(n, Relaxed);
+        if let Err(lost) = self.batches.send(batch).await {
+            // Only possible if the writer task is gone, which ends the service.
+            self.stats.in_writer.fetch_sub(n, Relaxed);
+            tracing::error!(
+                events = lost.0.len(),
+                "writer is gone; batch cannot be written"
+            );
+        }
+    }
+}

@@ -1,0 +1,286 @@
+//! **ingest**: ad impression and click events from tracking pixels into
+//! PostgreSQL, as a drop-in replacement for the Node `analytics-ingest` service.
+//!
+//! Data flows one way:
+//!
+//! ```text
+//! socket → server (accept, keep-alive, drain)
+//!        → http (route, CORS, limits, /health)
+//!        → event (parse + validate, no allocation)
+//!        → shard (this thread's buffer: raw rows + hourly counters)     ← request side ends here
+//!             │  coordinator: every FLUSH_INTERVAL_MS, on size, on shutdown
+//!             ▼
+//!          batch (the one hand-off type)                                 ← write side starts here
+//!             ▼
+//!          writer (resolve accounts, COPY rows + sorted upsert, one transaction, retry)
+//!             ▼
+//!          PostgreSQL
+//! ```
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`config`] | settings from the environment, with the Node service's names and defaults |
+//! | [`server`] | the accept loop and connection draining |
+//! | [`http`] | routing, CORS, the pixel GIF, `/health`, error → status mapping |
+//! | [`event`] | query parsing and validation → [`event::Event`] or a [`event::ParamError`] |
+//! | [`shard`] | per-thread shards and the lock-free swap the coordinator uses |
+//! | [`batch`] | [`batch::Batch`], merged shard contents |
+//! | [`coordinator`] | the flush loop: interval, size trigger, final drain |
+//! | [`accounts`] | campaign → account cache behind arc-swap, batched miss lookups |
+//! | [`writer`] | [`writer::PgWriter`]: binary COPY + upsert per batch, retries, dead letters |
+//! | [`pgcopy`] | binary COPY encoding |
+//! | [`db`] | the connection pool and the embedded migrations |
+//! | [`stats`] | counters and latency histograms behind `/health` |
+//! | [`telemetry`] | log setup |
+//!
+//! The request side (`server`, `http`, `event`, `shard`) imports nothing from
+//! the write side (`writer`, `accounts`, `db`), and the write side only sees
+//! batches. [`serve`] wires them together.
+
+pub mod accounts;
+pub mod batch;
+pub mod config;
+pub mod coordinator;
+pub mod db;
+pub mod event;
+pub mod http;
+pub mod pgcopy;
+pub mod server;
+pub mod shard;
+pub mod stats;
+pub mod telemetry;
+pub mod writer;
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+
+use crate::accounts::AccountCache;
+use crate::config::Config;
+use crate::coordinator::Coordinator;
+use crate::event::Limits;
+use crate::http::AppState;
+use crate::shard::ShardSet;
+use crate::stats::Stats;
+use crate::writer::PgWriter;
+
+/// How often the background probe checks the database for `/health`.
+const DB_PROBE_INTERVAL: Duration = Duration::from_secs(2);
+
+/// What shutdown achieved; logged by the binary and returned to tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DrainReport {
+    /// Events accepted over the whole run.
+    pub accepted: u64,
+    /// Events stored (in `events` or `rejected_events`) after shutdown began.
+    pub written_at_shutdown: u64,
+    /// Events accepted but not stored when the deadline hit (0 when the database is up).
+    pub unwritten: u64,
+    /// Time from the shutdown signal to the end of the drain.
+    pub took: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Db(#[from] db::DbError),
+}
+
+/// Runs the service on `listener` until `shutdown` resolves, then drains:
+/// stop accepting, finish in-flight requests, flush every shard and wait for
+/// the commits, all within `config.shutdown_timeout`.
+///
+/// The database does not have to be up at start: events are accepted at once,
+/// and migrations, the account cache and the writes proceed when it is.
+pub async fn serve(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<DrainReport, ServeError> {
+    let pool = db::pool(&config)?;
+    let stats = Arc::new(Stats::new());
+    let accounts = Arc::new(AccountCache::new());
+    let shards = Arc::new(ShardSet::new(config.flush_max_events));
+    let writer = Arc::new(PgWriter::new(pool.clone(), accounts.clone(), stats.clone()));
+
+    let background = spawn_background(&config, writer.clone(), stats.clone());
+
+    let (batch_tx, batch_rx) = mpsc::channel(config.writer_concurrency * 2);
+    let (abort_tx, abort_rx) = watch::channel(false);
+    let writer_task = tokio::spawn(writer::run(
+        writer.clone(),
+        batch_rx,
+        config.writer_concurrency,
+        abort_rx,
+    ));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let coordinator = Coordinator::new(
+        shards.clone(),
+        stats.clone(),
+        batch_tx,
+        config.flush_interval,
+    );
+    let coordinator_task = tokio::spawn(coordinator.run(stop_rx));
+
+    let state = Arc::new(AppState {
+        shards: shards.clone(),
+        stats: stats.clone(),
+        accounts,
+        origins: config.allowed_origins.clone(),
+        limits: Limits {
+            max_future_ms: config.max_future.as_millis() as i64,
+            max_age_ms: config.max_age.as_millis() as i64,
+        },
+        shutting_down: AtomicBool::new(false),
+    });
+
+    // Phase 1: serve until told to stop; the deadline starts at the signal.
+    let (signal_tx, signal_rx) = tokio::sync::oneshot::channel::<Instant>();
+    let flag = state.clone();
+    let stop_serving = async move {
+        shutdown.await;
+        flag.shutting_down.store(true, Relaxed);
+        let _ = signal_tx.send(Instant::now());
+    };
+    let open_connections = server::run(
+        listener,
+        state.clone(),
+        stop_serving,
+        config.shutdown_timeout,
+    )
+    .await;
+    let signalled = signal_rx.await.unwrap_or_else(|_| Instant::now());
+    let deadline = tokio::time::Instant::from_std(signalled + config.shutdown_timeout);
+    let stored_before = stored(&stats);
+    tracing::info!(
+        buffered = shards.pending(),
+        in_writer = stats.in_writer.load(Relaxed),
+        open_connections,
+        "shutting down: flushing buffered events"
+    );
+
+    // Phase 2: final flush, then wait for the writer until the deadline.
+    let _ = stop_tx.send(true);
+    let mut writer_task = writer_task;
+    let report = tokio::select! {
+        r = &mut writer_task => r.ok(),
+        _ = tokio::time::sleep_until(deadline) => None,
+    };
+    let report = match report {
+        Some(r) => r,
+        None => {
+            tracing::warn!("shutdown deadline reached with batches unwritten");
+            let _ = abort_tx.send(true);
+            writer_task.await.unwrap_or_default()
+        }
+    };
+    let _ = coordinator_task.await;
+    background.abort();
+    pool.close();
+
+    let accepted = shards.recorded();
+    let stored_total = stored(&stats);
+    let drain = DrainReport {
+        accepted,
+        written_at_shutdown: stored_total - stored_before,
+        unwritten: accepted.saturating_sub(stored_total).max(report.unwritten),
+        took: signalled.elapsed(),
+    };
+    tracing::info!(
+        accepted = drain.accepted,
+        written_at_shutdown = drain.written_at_shutdown,
+        unwritten = drain.unwritten,
+        took_ms = drain.took.as_millis() as u64,
+        "drain report"
+    );
+    Ok(drain)
+}
+
+/// Events durably stored in either table since start.
+fn stored(stats: &Stats) -> u64 {
+    stats.written.load(Relaxed)
+        + stats.rejected_unknown_campaign.load(Relaxed)
+        + stats.dead_lettered.load(Relaxed)
+}
+
+/// Aborts the background loops when dropped or when `abort` is called.
+struct Background(Vec<tokio::task::JoinHandle<()>>);
+
+impl Background {
+    fn abort(&self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        self.abort();
+    }
+}
+
+/// Schema bootstrap, database probe, idle-connection reaper, cache refresh.
+fn spawn_background(config: &Config, writer: Arc<PgWriter>, stats: Arc<Stats>) -> Background {
+    let mut tasks = Vec::new();
+
+    let w = writer.clone();
+    tasks.push(tokio::spawn(async move {
+        let mut delay = Duration::from_millis(200);
+        loop {
+            match w.ensure_ready().await {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "database not ready");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }));
+
+    let w = writer.clone();
+    let idle = config.pool_idle_timeout;
+    tasks.push(tokio::spawn(async move {
+        loop {
+            let up = match w.pool().get().await {
+                Ok(client) => client.simple_query("SELECT 1").await.is_ok(),
+                Err(_) => false,
+            };
+            if stats.db_up.swap(up, Relaxed) != up {
+                if up {
+                    tracing::info!("database reachable");
+                } else {
+                    tracing::warn!("database unreachable; events are buffered");
+                }
+            }
+            db::reap_idle(w.pool(), idle);
+            tokio::time::sleep(DB_PROBE_INTERVAL).await;
+        }
+    }));
+
+    let w = writer;
+    let every = config.accounts_refresh;
+    tasks.push(tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(every).await;
+            if w.ensure_ready().await.is_err() {
+                continue;
+            }
+            match w.pool().get().await {
+                Ok(client) => {
+                    if let Err(e) = w.accounts().reload(&**client).await {
+                        tracing::warn!(error = %e, "campaign cache refresh failed");
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "campaign cache refresh: no connection"),
+            }
+        }
+    }));
+
+    Background(tasks)
+}

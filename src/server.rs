@@ -1,0 +1,78 @@
+//! The accept loop: one hyper HTTP/1.1 connection task per socket.
+//!
+//! Owns connection-level policy (keep-alive, header read timeout, buffer
+//! size) and the first half of shutdown: when told to stop it closes the
+//! listener, lets in-flight requests finish and closes idle keep-alive
+//! connections, waiting at most until the deadline.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::time::Instant;
+
+use crate::http::{self, AppState};
+
+/// A client must send its request head within this time (slow-loris guard).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest request head hyper buffers (request line + headers).
+pub const MAX_HEAD_BYTES: usize = 16 * 1024;
+
+/// Serves connections until `shutdown` resolves, then drains them until
+/// `deadline`. Returns the number of connections still open at the deadline.
+pub async fn run(
+    listener: TcpListener,
+    state: Arc<AppState>,
+    shutdown: impl Future<Output = ()>,
+    drain_for: Duration,
+) -> usize {
+    let graceful = GracefulShutdown::new();
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .keep_alive(true)
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_HEAD_BYTES);
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            biased;
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    let state = state.clone();
+                    let conn = builder.serve_connection(
+                        TokioIo::new(stream),
+                        service_fn(move |req| http::handle(state.clone(), req)),
+                    );
+                    let conn = graceful.watch(conn);
+                    tokio::spawn(async move {
+                        // Client resets and timeouts end a connection; nothing to report.
+                        let _ = conn.await;
+                    });
+                }
+                Err(e) => {
+                    // Out of file descriptors or similar: back off briefly, keep serving.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            },
+        }
+    }
+    drop(listener);
+    let deadline = Instant::now() + drain_for;
+    let open = graceful.count();
+    tokio::select! {
+        _ = graceful.shutdown() => 0,
+        _ = tokio::time::sleep_until(deadline) => {
+            tracing::warn!(connections = open, "connections still open at the shutdown deadline");
+            open
+        }
+    }
+}

@@ -1,0 +1,477 @@
+//! Per-worker shards: where accepted events wait for the next flush.
+//!
+//! Every thread that records events owns exactly one [`Shard`] per
+//! [`ShardSet`]. A shard holds the raw rows (fixed fields inline, strings
+//! appended to one byte arena) and hourly aggregate counters keyed by
+//! (ad unit, campaign, hour), updated in place. The account is not part of
+//! the key here: it is a function of the campaign and is resolved by the
+//! writer, so the hot path never needs the account cache.
+//!
+//! Ownership and hand-off (no lock on the hot path):
+//! - the live buffer of a shard is an `Arc<ShardCell>` behind an `ArcSwap`;
+//!   only the owning thread ever loads it and mutates it, never re-entrantly;
+//! - the coordinator swaps a fresh cell in, then waits until it holds the
+//!   only reference to the old one (`Arc::try_unwrap`). arc-swap pays every
+//!   outstanding reader's debt during `swap`, so a recorder still inside
+//!   `record` keeps the count above one; once it returns, the coordinator
+//!   owns the old buffer outright and moves it into a batch without copying.
+//!
+//! Counters are plain integers rather than atomics because no other thread
+//! can see a cell while it is being written: the one atomic step per event is
+//! arc-swap's load. This file never touches the database.
+
+use std::cell::{RefCell, UnsafeCell};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+use tokio::sync::Notify;
+use uuid::Uuid;
+
+use crate::event::{Event, EventKind};
+
+/// Milliseconds in one hour: aggregates are bucketed by `timestamp_ms / HOUR_MS`.
+pub const HOUR_MS: i64 = 3_600_000;
+
+/// The hasher for aggregate keys: fast, and seeded per process so that
+/// client-chosen UUIDs cannot be crafted into collisions.
+pub type KeyHasher = foldhash::fast::RandomState;
+
+/// An aggregate bucket before the account is known.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AggKey {
+    pub campaign_id: Uuid,
+    pub ad_unit_id: Uuid,
+    /// Hours since the unix epoch (`timestamp_ms.div_euclid(HOUR_MS)`).
+    pub hour: i64,
+}
+
+/// Counts of one aggregate bucket.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub impressions: u64,
+    pub clicks: u64,
+}
+
+impl Counts {
+    pub fn add(&mut self, other: Counts) {
+        self.impressions += other.impressions;
+        self.clicks += other.clicks;
+    }
+}
+
+/// Where a string lives in a shard's byte arena.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TextRef {
+    off: u32,
+    len: u32,
+}
+
+impl TextRef {
+    const NONE: TextRef = TextRef {
+        off: 0,
+        len: u32::MAX,
+    };
+}
+
+/// One accepted event with its strings stored in the arena.
+#[derive(Clone, Copy, Debug)]
+pub struct RawEvent {
+    pub ad_unit_id: Uuid,
+    pub campaign_id: Uuid,
+    pub creative_id: Uuid,
+    pub timestamp_ms: i64,
+    pub received_ms: i64,
+    page_url: TextRef,
+    user_agent: TextRef,
+    pub kind: EventKind,
+}
+
+/// The contents of one shard between two swaps.
+#[derive(Debug, Default)]
+pub struct ShardData {
+    pub rows: Vec<RawEvent>,
+    arena: Vec<u8>,
+    pub aggregates: HashMap<AggKey, Counts, KeyHasher>,
+    /// Receipt time of the first event in this buffer (0 when empty).
+    pub first_received_ms: i64,
+}
+
+/// The arena cannot hold more than `u32::MAX` bytes; a flush is long due
+/// before that, and the caller turns this into a 503.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("shard buffer is full")]
+pub struct ShardFull;
+
+impl ShardData {
+    fn with_capacity(rows: usize, keys: usize) -> Self {
+        ShardData {
+            rows: Vec::with_capacity(rows),
+            arena: Vec::with_capacity(rows * 80),
+            aggregates: HashMap::with_capacity_and_hasher(keys, KeyHasher::default()),
+            first_received_ms: 0,
+        }
+    }
+
+    fn store(&mut self, s: Option<&str>) -> TextRef {
+        match s {
+            None => TextRef::NONE,
+            Some(s) => {
+                // Bounds are checked by `push` before any string is stored.
+                let off = self.arena.len() as u32;
+                self.arena.extend_from_slice(s.as_bytes());
+                TextRef {
+                    off,
+                    len: s.len() as u32,
+                }
+            }
+        }
+    }
+
+    fn push(
+        &mut self,
+        ev: &Event<'_>,
+        user_agent: Option<&str>,
+        received_ms: i64,
+    ) -> Result<(), ShardFull> {
+        let need = ev.page_url.len() + user_agent.map_or(0, str::len);
+        if self.arena.len() + need >= u32::MAX as usize {
+            return Err(ShardFull);
+        }
+        if self.rows.is_empty() {
+            self.first_received_ms = received_ms;
+        }
+        let page_url = self.store(Some(ev.page_url));
+        let user_agent = self.store(user_agent);
+        self.rows.push(RawEvent {
+            ad_unit_id: ev.ad_unit_id,
+            campaign_id: ev.campaign_id,
+            creative_id: ev.creative_id,
+            timestamp_ms: ev.timestamp_ms,
+            received_ms,
+            page_url,
+            user_agent,
+            kind: ev.kind,
+        });
+        let key = AggKey {
+            campaign_id: ev.campaign_id,
+            ad_unit_id: ev.ad_unit_id,
+            hour: ev.timestamp_ms.div_euclid(HOUR_MS),
+        };
+        let c = self.aggregates.entry(key).or_default();
+        match ev.kind {
+            EventKind::Impression => c.impressions += 1,
+            EventKind::Click => c.clicks += 1,
+        }
+        Ok(())
+    }
+
+    fn text(&self, r: TextRef) -> Option<&str> {
+        if r == TextRef::NONE {
+            return None;
+        }
+        let bytes = self
+            .arena
+            .get(r.off as usize..(r.off as usize + r.len as usize))?;
+        // Only `&str` ever goes into the arena, at these exact boundaries.
+        std::str::from_utf8(bytes).ok()
+    }
+
+    /// The page URL of a row of this buffer.
+    pub fn page_url(&self, row: &RawEvent) -> &str {
+        self.text(row.page_url).unwrap_or("")
+    }
+
+    /// The user agent of a row of this buffer, if the request had one.
+    pub fn user_agent(&self, row: &RawEvent) -> Option<&str> {
+        self.text(row.user_agent)
+    }
+
+    /// Bytes held by this buffer (rows, strings, aggregate table), roughly.
+    pub fn approx_bytes(&self) -> usize {
+        self.rows.capacity() * std::mem::size_of::<RawEvent>()
+            + self.arena.capacity()
+            + self.aggregates.capacity() * (std::mem::size_of::<(AggKey, Counts)>() + 8)
+    }
+}
+
+/// A shard's live buffer. Only the owning thread mutates it, and only while
+/// it holds a guard from the shard's `ArcSwap` (see the module docs).
+struct ShardCell(UnsafeCell<ShardData>);
+
+// SAFETY: the data inside is reached in exactly two ways: (1) by the one
+// thread that owns the shard, inside `Shard::record`, which is synchronous
+// and not re-entrant; (2) by the coordinator after `Arc::try_unwrap` proved
+// that no other reference (hence no recorder) exists. These never overlap.
+unsafe impl Sync for ShardCell {}
+
+/// One worker thread's shard.
+pub struct Shard {
+    cell: ArcSwap<ShardCell>,
+    /// Events recorded into this shard since start. Written by the owner only.
+    recorded: AtomicU64,
+    /// Events taken out of this shard by the coordinator. Written by it only.
+    taken: AtomicU64,
+}
+
+impl Shard {
+    fn new() -> Self {
+        Shard {
+            cell: ArcSwap::from_pointee(ShardCell(UnsafeCell::new(ShardData::default()))),
+            recorded: AtomicU64::new(0),
+            taken: AtomicU64::new(0),
+        }
+    }
+
+    /// Appends one event; returns the number of rows now buffered.
+    fn record(
+        &self,
+        ev: &Event<'_>,
+        user_agent: Option<&str>,
+        received_ms: i64,
+    ) -> Result<usize, ShardFull> {
+        let guard = self.cell.load();
+        // SAFETY: see `ShardCell`: we are the owning thread and not re-entrant.
+        let data = unsafe { &mut *guard.0.get() };
+        data.push(ev, user_agent, received_ms)?;
+        let len = data.rows.len();
+        drop(guard);
+        // Single writer: a plain load + store, no locked instruction.
+        self.recorded
+            .store(self.recorded.load(Relaxed) + 1, Relaxed);
+        Ok(len)
+    }
+
+    /// Swaps an empty buffer in and returns the old one once no recorder uses it.
+    async fn take(&self, rows_hint: usize, keys_hint: usize) -> ShardData {
+        let fresh = Arc::new(ShardCell(UnsafeCell::new(ShardData::with_capacity(
+            rows_hint, keys_hint,
+        ))));
+        let mut old = self.cell.swap(fresh);
+        let mut spins = 0u32;
+        let data = loop {
+            match Arc::try_unwrap(old) {
+                Ok(cell) => break cell.0.into_inner(),
+                Err(still_shared) => {
+                    // A recorder is inside `record` (nanoseconds) or was
+                    // preempted there; give it the CPU back.
+                    old = still_shared;
+                    spins += 1;
+                    if spins < 64 {
+                        std::hint::spin_loop();
+                    } else {
+                        tokio::task::yield_now().await;
+                    }
+                }
+            }
+        };
+        self.taken
+            .store(self.taken.load(Relaxed) + data.rows.len() as u64, Relaxed);
+        data
+    }
+}
+
+static NEXT_SET_ID: AtomicU64 = AtomicU64::new(1);
+
+thread_local! {
+    /// This thread's shard in each live `ShardSet` (normally exactly one).
+    static LOCAL: RefCell<Vec<(u64, Arc<Shard>)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// All shards of one running service, plus the size signal to the coordinator.
+pub struct ShardSet {
+    id: u64,
+    shards: Mutex<Vec<Arc<Shard>>>,
+    max_events: usize,
+    full: Notify,
+}
+
+impl ShardSet {
+    /// `max_events`: a shard reaching this many rows wakes the coordinator.
+    pub fn new(max_events: usize) -> Self {
+        ShardSet {
+            id: NEXT_SET_ID.fetch_add(1, Relaxed),
+            shards: Mutex::new(Vec::new()),
+            max_events: max_events.max(1),
+            full: Notify::new(),
+        }
+    }
+
+    /// Records one validated event into the calling thread's shard.
+    ///
+    /// Never blocks: the first call on a thread registers its shard (one
+    /// short lock, once per thread); every later call is lock-free.
+    pub fn record(
+        &self,
+        ev: &Event<'_>,
+        user_agent: Option<&str>,
+        received_ms: i64,
+    ) -> Result<(), ShardFull> {
+        let len = LOCAL.with(|local| {
+            let mut local = local.borrow_mut();
+            let shard = match local.iter().find(|(id, _)| *id == self.id) {
+                Some((_, s)) => s.clone(),
+                None => {
+                    let s = Arc::new(Shard::new());
+                    self.shards
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(s.clone());
+                    local.retain(|(_, s)| Arc::strong_count(s) > 1); // drop shards of stopped sets
+                    local.push((self.id, s.clone()));
+                    s
+                }
+            };
+            shard.record(ev, user_agent, received_ms)
+        })?;
+        if len == self.max_events {
+            self.full.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Resolves when some shard reached `max_events` since the last call.
+    pub async fn wait_full(&self) {
+        self.full.notified().await
+    }
+
+    /// Takes every shard's buffer, leaving empty ones sized like the last.
+    pub async fn take_all(&self) -> Vec<ShardData> {
+        let shards: Vec<Arc<Shard>> = self
+            .shards
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let mut out = Vec::with_capacity(shards.len());
+        for shard in shards {
+            let recorded = shard.recorded.load(Relaxed);
+            let pending = recorded.saturating_sub(shard.taken.load(Relaxed)) as usize;
+            let hint = pending.clamp(64, self.max_events.saturating_add(1024));
+            let data = shard.take(hint, hint).await;
+            if !data.rows.is_empty() {
+                out.push(data);
+            }
+        }
+        out
+    }
+
+    /// Events recorded since start, over all shards.
+    pub fn recorded(&self) -> u64 {
+        self.shards
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|s| s.recorded.load(Relaxed))
+            .sum()
+    }
+
+    /// Events recorded and not yet taken by the coordinator.
+    pub fn pending(&self) -> u64 {
+        self.shards
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|s| {
+                s.recorded
+                    .load(Relaxed)
+                    .saturating_sub(s.taken.load(Relaxed))
+            })
+            .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(kind: EventKind, campaign: u128, ts: i64) -> Event<'static> {
+        Event {
+            kind,
+            ad_unit_id: Uuid::from_u128(7),
+            campaign_id: Uuid::from_u128(campaign),
+            creative_id: Uuid::from_u128(9),
+            page_url: "https://example.com/",
+            timestamp_ms: ts,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn records_from_many_threads_and_takes_everything() {
+        let set = Arc::new(ShardSet::new(1_000_000));
+        let mut handles = Vec::new();
+        for t in 0..4u128 {
+            let set = set.clone();
+            handles.push(std::thread::spawn(move || {
+                for i in 0..10_000i64 {
+                    let kind = if i % 10 == 0 {
+                        EventKind::Click
+                    } else {
+                        EventKind::Impression
+                    };
+                    set.record(&ev(kind, t, i * 1000), Some("ua"), 1)
+                        .expect("room");
+                }
+            }));
+        }
+        // Take concurrently with the recorders, then once more after they finish.
+        let mut taken = Vec::new();
+        for _ in 0..20 {
+            taken.extend(set.take_all().await);
+            tokio::task::yield_now().await;
+        }
+        for h in handles {
+            h.join().expect("recorder thread");
+        }
+        taken.extend(set.take_all().await);
+        let rows: usize = taken.iter().map(|d| d.rows.len()).sum();
+        assert_eq!(rows, 40_000);
+        let mut total = Counts::default();
+        for d in &taken {
+            for row in &d.rows {
+                assert_eq!(d.page_url(row), "https://example.com/");
+                assert_eq!(d.user_agent(row), Some("ua"));
+            }
+            for c in d.aggregates.values() {
+                total.add(*c);
+            }
+        }
+        assert_eq!(
+            total,
+            Counts {
+                impressions: 36_000,
+                clicks: 4_000
+            }
+        );
+        assert_eq!(set.recorded(), 40_000);
+        assert_eq!(set.pending(), 0);
+    }
+
+    #[tokio::test]
+    async fn reaching_the_size_limit_wakes_the_coordinator() {
+        let set = ShardSet::new(3);
+        for _ in 0..3 {
+            set.record(&ev(EventKind::Impression, 1, 0), None, 1)
+                .expect("room");
+        }
+        tokio::time::timeout(std::time::Duration::from_secs(1), set.wait_full())
+            .await
+            .expect("size signal");
+        let data = set.take_all().await;
+        assert_eq!(data.len(), 1);
+        assert_eq!(data[0].rows.len(), 3);
+        assert_eq!(data[0].user_agent(&data[0].rows[0]), None);
+        let key = AggKey {
+            campaign_id: Uuid::from_u128(1),
+            ad_unit_id: Uuid::from_u128(7),
+            hour: 0,
+        };
+        assert_eq!(
+            data[0].aggregates[&key],
+            Counts {
+                impressions: 3,
+                clicks: 0
+            }
+        );
+    }
+}
