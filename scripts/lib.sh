@@ -47,6 +47,7 @@ pg_start() {
       || { cat "$dir/initdb.log" >&2; return 1; }
   fi
   if as_pg "$PGBIN/pg_ctl" -D "$dir/data" status >/dev/null 2>&1; then
+    if "$PGBIN/pg_isready" -q -h 127.0.0.1 -p "$port"; then return 0; fi
     as_pg "$PGBIN/pg_ctl" -D "$dir/data" -m fast -w stop >/dev/null 2>&1 || true
   fi
   as_pg "$PGBIN/pg_ctl" -D "$dir/data" -l "$dir/postgres.log" -w -t 60 \

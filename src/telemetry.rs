@@ -9,7 +9,10 @@ use tracing_subscriber::EnvFilter;
 pub fn init(production: bool) {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| {
-            EnvFilter::try_new(std::env::var("LOG_LEVEL").unwrap_or_else(|_| "info".into()))
+            EnvFilter::try_new(format!(
+                "{},tokio_postgres=warn",
+                std::env::var("LOG_LEVEL").unwrap_or_else(|_| "info".into())
+            ))
         })
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()

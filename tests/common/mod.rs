@@ -98,6 +98,16 @@ impl TestApp {
         Self::spawn_with(campaigns, |_| {}).await
     }
 
+    /// The service on an existing database (no seeding, the service migrates it).
+    pub async fn start_on(db_url: String, tune: impl FnOnce(&mut Config)) -> TestApp {
+        let mut config = Config::with_database_url(db_url.clone());
+        config.flush_interval = Duration::from_millis(200);
+        config.pool_max = 5;
+        tune(&mut config);
+        let db = connect(&db_url).await;
+        Self::start(db_url, db, config).await
+    }
+
     async fn start(db_url: String, db: Client, config: Config) -> TestApp {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -121,6 +131,40 @@ impl TestApp {
         };
         app.wait_ready().await;
         app
+    }
+
+    /// The service pointed at a port where no database listens.
+    pub async fn spawn_without_database(tune: impl FnOnce(&mut Config)) -> TestApp {
+        let dead = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = dead.local_addr().expect("addr").port();
+        drop(dead);
+        let db_url = format!("postgres://postgres@127.0.0.1:{port}/nothing");
+        let mut config = Config::with_database_url(db_url.clone());
+        config.connect_timeout = Duration::from_millis(200);
+        config.flush_interval = Duration::from_millis(100);
+        tune(&mut config);
+        // Nothing to query: `db` is a connection to the admin database.
+        let db = connect(&admin_url()).await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            ingest::serve(config, listener, async {
+                let _ = stopped.await;
+            })
+            .await
+            .expect("serve")
+        });
+        TestApp {
+            addr,
+            db_url,
+            db,
+            http: reqwest::Client::new(),
+            stop: Some(stop),
+            task: Some(task),
+        }
     }
 
     /// Waits until the service has loaded its campaign cache.
@@ -172,6 +216,18 @@ impl TestApp {
             .await
             .expect("serve task");
         (report, connect(&self.db_url).await)
+    }
+
+    /// Stops the service and returns its drain report only.
+    pub async fn shutdown_report(mut self) -> DrainReport {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.task
+            .take()
+            .expect("running")
+            .await
+            .expect("serve task")
     }
 
     /// `SELECT count(*)` of a table.
