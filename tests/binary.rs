@@ -87,7 +87,7 @@ async fn migrate_then_sigterm_drains_and_exits_zero() {
         .and_then(|l| l.local_addr())
         .expect("free port")
         .port();
-    let mut child = Command::new(BIN)
+    let child = Command::new(BIN)
         .env("DATABASE_URL", &db_url)
         .env("PORT", port.to_string())
         .env("HOST", "127.0.0.1")
