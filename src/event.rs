@@ -368,7 +368,7 @@ pub fn user_agent(raw: &[u8]) -> std::borrow::Cow<'_, str> {
     let cut = &raw[..raw.len().min(MAX_USER_AGENT_BYTES)];
     match std::str::from_utf8(cut) {
         Ok(s) => std::borrow::Cow::Borrowed(s),
-        Err(e) if e.error_len().is_none() => {
+        Err(e) if e.error_len().is_none() && raw.len() > MAX_USER_AGENT_BYTES => {
             // Cut in the middle of a character: drop the partial tail.
             std::borrow::Cow::Borrowed(std::str::from_utf8(&cut[..e.valid_up_to()]).unwrap_or(""))
         }
@@ -531,5 +531,10 @@ mod tests {
         assert!(ua.len() <= MAX_USER_AGENT_BYTES && ua.len() >= MAX_USER_AGENT_BYTES - 1);
         assert_eq!(user_agent(b"curl/8"), "curl/8");
         assert_eq!(user_agent(b"a\xffb"), "a\u{fffd}b");
+        assert_eq!(
+            user_agent(b"caf\xe9"),
+            "caf\u{fffd}",
+            "latin-1, not cut: replaced, not dropped"
+        );
     }
 }

@@ -192,6 +192,13 @@ async fn get_returns_the_pixel_and_records_head_records_nothing() {
         assert_eq!(resp.status(), 200);
         assert_eq!(resp.headers()["content-type"], "image/gif");
     }
+    let resp = app
+        .http
+        .head(app.url("/event/click?campaign_id=nope"))
+        .send()
+        .await
+        .expect("HEAD");
+    assert_eq!(resp.status(), 400, "HEAD validates like GET");
     let (report, db) = app.shutdown().await;
     assert_eq!(report.accepted, 2);
     assert_eq!(count(&db, "events").await, 2);

@@ -97,7 +97,17 @@ async fn route(state: &AppState, req: Request<Incoming>) -> (Option<Route>, Resp
         (&Method::GET, EventKind::Impression) => Route::GetImpression,
         (&Method::GET, EventKind::Click) => Route::GetClick,
         (&Method::HEAD, _) => {
-            let mut r = response::pixel(false);
+            // Answers like GET (validation included) but records nothing.
+            let received = unix_ms(SystemTime::now());
+            let query = req.uri().query().unwrap_or("").as_bytes();
+            let valid = SCRATCH.with(|s| {
+                event::parse_event(kind, query, received, &state.limits, &mut s.borrow_mut())
+                    .map(|_| ())
+            });
+            let mut r = match valid {
+                Ok(()) => response::pixel(false),
+                Err(e) => response::invalid(&e),
+            };
             cors::decorate(&state.origins, req.headers(), &mut r);
             return (None, r);
         }
