@@ -26,7 +26,13 @@ pub struct Batch {
 
 impl Batch {
     /// Merges shard buffers into one batch. Buffers without rows are dropped.
-    pub fn from_parts(mut parts: Vec<ShardData>) -> Batch {
+    pub fn from_parts(parts: Vec<ShardData>) -> Batch {
+        Batch::restore(Uuid::new_v4(), parts)
+    }
+
+    /// Rebuilds a batch under its original id (spool replay: the id is what
+    /// makes a second commit of the same events a no-op).
+    pub fn restore(id: Uuid, mut parts: Vec<ShardData>) -> Batch {
         parts.retain(|p| !p.rows.is_empty());
         let events = parts.iter().map(|p| p.rows.len()).sum();
         let oldest_received_ms = parts.iter().map(|p| p.first_received_ms).min().unwrap_or(0);
@@ -46,7 +52,7 @@ impl Batch {
             }
         }
         Batch {
-            id: Uuid::new_v4(),
+            id,
             parts,
             aggregates,
             events,

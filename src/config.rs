@@ -61,6 +61,17 @@ pub struct Config {
     pub max_age: Duration,
     pub accounts_refresh: Duration,
     pub writer_concurrency: usize,
+    /// Where batches the database would not take are kept until it does.
+    pub spool_dir: std::path::PathBuf,
+    pub spool_max_bytes: u64,
+    /// Memory caps for events not yet stored or spooled; past them the
+    /// request side sheds load (POST 503, GET pixel dropped and counted).
+    pub max_buffered_events: u64,
+    pub max_buffered_bytes: u64,
+    /// A batch write taking longer than this is abandoned and the batch spooled.
+    pub write_timeout: Duration,
+    /// Open client connections; further ones wait in the listen backlog.
+    pub max_connections: usize,
 }
 
 /// Default size trigger per shard; see README "Flush policy" for the measurement.
@@ -86,6 +97,12 @@ impl Config {
             max_age: Duration::from_secs(7 * 86_400),
             accounts_refresh: Duration::from_secs(60),
             writer_concurrency: 2,
+            spool_dir: "spool".into(),
+            spool_max_bytes: 1 << 30,
+            max_buffered_events: 1_000_000,
+            max_buffered_bytes: 256 << 20,
+            write_timeout: Duration::from_secs(10),
+            max_connections: 10_000,
         }
     }
 
@@ -208,6 +225,48 @@ impl Config {
             "concurrent batch writers, 1-64",
         )?
         .map_or(c.writer_concurrency, |v| v as usize);
+        if let Some(v) = get("SPOOL_DIR") {
+            c.spool_dir = v.into();
+        }
+        c.spool_max_bytes = num(
+            &get,
+            "SPOOL_MAX_BYTES",
+            1 << 20,
+            1 << 50,
+            "bytes, at least 1048576",
+        )?
+        .unwrap_or(c.spool_max_bytes);
+        c.max_buffered_events = num(
+            &get,
+            "MAX_BUFFERED_EVENTS",
+            1000,
+            1 << 40,
+            "events held in memory, at least 1000",
+        )?
+        .unwrap_or(c.max_buffered_events);
+        c.max_buffered_bytes = num(
+            &get,
+            "MAX_BUFFERED_BYTES",
+            1 << 20,
+            1 << 50,
+            "bytes held in memory, at least 1048576",
+        )?
+        .unwrap_or(c.max_buffered_bytes);
+        c.write_timeout = ms(
+            "WRITE_TIMEOUT_MS",
+            100,
+            3_600_000,
+            "milliseconds, 100-3600000",
+        )?
+        .unwrap_or(c.write_timeout);
+        c.max_connections = num(
+            &get,
+            "MAX_CONNECTIONS",
+            1,
+            1_000_000,
+            "a connection count, 1-1000000",
+        )?
+        .map_or(c.max_connections, |v| v as usize);
         Ok(c)
     }
 }

@@ -59,10 +59,13 @@ impl Coordinator {
             return;
         }
         let n = batch.len() as u64;
+        let bytes = batch.approx_bytes() as u64;
         self.stats.in_writer.fetch_add(n, Relaxed);
+        self.stats.in_writer_bytes.fetch_add(bytes, Relaxed);
         if let Err(lost) = self.batches.send(batch).await {
             // Only possible if the writer task is gone, which ends the service.
             self.stats.in_writer.fetch_sub(n, Relaxed);
+            self.stats.in_writer_bytes.fetch_sub(bytes, Relaxed);
             tracing::error!(
                 events = lost.0.len(),
                 "writer is gone; batch cannot be written"

@@ -33,6 +33,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "rejected_events",
         sql: include_str!("../migrations/V2__rejected_events.sql"),
     },
+    Migration {
+        version: 3,
+        name: "ingest_batches",
+        sql: include_str!("../migrations/V3__ingest_batches.sql"),
+    },
 ];
 
 /// Advisory lock key for migrations ("ingest" in ASCII).

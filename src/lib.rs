@@ -38,6 +38,7 @@
 //! batches. [`serve`] wires them together.
 
 pub mod accounts;
+pub mod admission;
 pub mod batch;
 pub mod config;
 pub mod coordinator;
@@ -47,6 +48,7 @@ pub mod http;
 pub mod pgcopy;
 pub mod server;
 pub mod shard;
+pub mod spool;
 pub mod stats;
 pub mod telemetry;
 pub mod writer;
@@ -60,12 +62,16 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
 use crate::accounts::AccountCache;
+use crate::admission::Admission;
 use crate::config::Config;
 use crate::coordinator::Coordinator;
 use crate::event::Limits;
 use crate::http::AppState;
 use crate::shard::ShardSet;
+use crate::spool::Spool;
+use crate::stats::RateLimitedLog;
 use crate::stats::Stats;
+use crate::writer::deliver::Delivery;
 use crate::writer::PgWriter;
 
 /// How often the background probe checks the database for `/health`.
@@ -76,9 +82,12 @@ const DB_PROBE_INTERVAL: Duration = Duration::from_secs(2);
 pub struct DrainReport {
     /// Events accepted over the whole run.
     pub accepted: u64,
-    /// Events stored (in `events` or `rejected_events`) after shutdown began.
+    /// Events of this run committed (to `events` or `rejected_events`) after shutdown began.
     pub written_at_shutdown: u64,
-    /// Events accepted but not stored when the deadline hit (0 when the database is up).
+    /// Events spooled to disk after shutdown began (replayed at the next start).
+    pub spooled_at_shutdown: u64,
+    /// Events accepted and neither committed nor spooled (0 unless the
+    /// deadline hit with the database down and the spool unusable).
     pub unwritten: u64,
     /// Time from the shutdown signal to the end of the drain.
     pub took: Duration,
@@ -88,31 +97,65 @@ pub struct DrainReport {
 pub enum ServeError {
     #[error(transparent)]
     Db(#[from] db::DbError),
+    #[error("cannot open the spool in {dir}: {source} (set SPOOL_DIR to a writable directory)")]
+    Spool { dir: String, source: std::io::Error },
 }
 
 /// Runs the service on `listener` until `shutdown` resolves, then drains:
 /// stop accepting, finish in-flight requests, flush every shard and wait for
-/// the commits, all within `config.shutdown_timeout`.
+/// the commits (or the spool), all within `config.shutdown_timeout`.
 ///
-/// The database does not have to be up at start: events are accepted at once,
-/// and migrations, the account cache and the writes proceed when it is.
+/// The database does not have to be up at start: events are accepted at once
+/// and spooled; migrations, the account cache, the writes and the replay of
+/// the spool (including one left by an earlier run) proceed when it is.
 pub async fn serve(
     config: Config,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<DrainReport, ServeError> {
     let pool = db::pool(&config)?;
+    let spool = Spool::open(&config.spool_dir, config.spool_max_bytes).map_err(|source| {
+        ServeError::Spool {
+            dir: config.spool_dir.display().to_string(),
+            source,
+        }
+    })?;
+    let spool = Arc::new(spool);
+    if !spool.is_empty() {
+        tracing::warn!(dir = %spool.dir().display(), bytes = spool.bytes(), "spool from an earlier run found; it will be replayed");
+    }
     let stats = Arc::new(Stats::new());
     let accounts = Arc::new(AccountCache::new());
     let shards = Arc::new(ShardSet::new(config.flush_max_events));
     let writer = Arc::new(PgWriter::new(pool.clone(), accounts.clone(), stats.clone()));
 
-    let background = spawn_background(&config, writer.clone(), stats.clone());
+    let mut background = spawn_background(&config, writer.clone(), stats.clone());
+    let admission = Admission {
+        shards: shards.clone(),
+        stats: stats.clone(),
+        max_events: config.max_buffered_events,
+        max_bytes: config.max_buffered_bytes,
+    };
+    background.0.push(tokio::spawn(admission.run()));
+    let (stop_replay, replay_stop_rx) = watch::channel(false);
+    let replay_task = tokio::spawn(writer::replay::run(
+        writer.clone(),
+        spool.clone(),
+        stats.clone(),
+        config.write_timeout,
+        replay_stop_rx,
+    ));
 
     let (batch_tx, batch_rx) = mpsc::channel(config.writer_concurrency * 2);
     let (abort_tx, abort_rx) = watch::channel(false);
-    let writer_task = tokio::spawn(writer::run(
+    let delivery = Arc::new(Delivery::new(
         writer.clone(),
+        spool.clone(),
+        stats.clone(),
+        config.write_timeout,
+    ));
+    let delivery_task = tokio::spawn(writer::deliver::run(
+        delivery,
         batch_rx,
         config.writer_concurrency,
         abort_rx,
@@ -130,12 +173,14 @@ pub async fn serve(
         shards: shards.clone(),
         stats: stats.clone(),
         accounts,
+        spool: spool.clone(),
         origins: config.allowed_origins.clone(),
         limits: Limits {
             max_future_ms: config.max_future.as_millis() as i64,
             max_age_ms: config.max_age.as_millis() as i64,
         },
         shutting_down: AtomicBool::new(false),
+        dropped_log: RateLimitedLog::new(Duration::from_secs(1)),
     });
 
     // Phase 1: serve until told to stop; the deadline starts at the signal.
@@ -146,16 +191,21 @@ pub async fn serve(
         flag.shutting_down.store(true, Relaxed);
         let _ = signal_tx.send(Instant::now());
     };
+    let limits = server::Limits {
+        max_connections: config.max_connections,
+    };
     let open_connections = server::run(
         listener,
         state.clone(),
         stop_serving,
         config.shutdown_timeout,
+        limits,
     )
     .await;
     let signalled = signal_rx.await.unwrap_or_else(|_| Instant::now());
     let deadline = tokio::time::Instant::from_std(signalled + config.shutdown_timeout);
     let stored_before = stored(&stats);
+    let spooled_before = stats.spooled_events.load(Relaxed);
     tracing::info!(
         buffered = shards.pending(),
         in_writer = stats.in_writer.load(Relaxed),
@@ -163,44 +213,50 @@ pub async fn serve(
         "shutting down: flushing buffered events"
     );
 
-    // Phase 2: final flush, then wait for the writer until the deadline.
+    // Phase 2: stop replaying (the spool keeps what is left), final flush,
+    // then wait for the writer until the deadline; at the deadline every
+    // batch still in memory goes to the spool.
+    let _ = stop_replay.send(true);
     let _ = stop_tx.send(true);
-    let mut writer_task = writer_task;
+    let mut delivery_task = delivery_task;
     let report = tokio::select! {
-        r = &mut writer_task => r.ok(),
+        r = &mut delivery_task => r.ok(),
         _ = tokio::time::sleep_until(deadline) => None,
     };
     let report = match report {
         Some(r) => r,
         None => {
-            tracing::warn!("shutdown deadline reached with batches unwritten");
+            tracing::warn!("shutdown deadline reached: spooling what is left");
             let _ = abort_tx.send(true);
-            writer_task.await.unwrap_or_default()
+            delivery_task.await.unwrap_or_default()
         }
     };
     let _ = coordinator_task.await;
+    let _ = replay_task.await;
     background.abort();
     pool.close();
 
     let accepted = shards.recorded();
-    let stored_total = stored(&stats);
     let drain = DrainReport {
         accepted,
-        written_at_shutdown: stored_total - stored_before,
-        unwritten: accepted.saturating_sub(stored_total).max(report.unwritten),
+        written_at_shutdown: stored(&stats).saturating_sub(stored_before),
+        spooled_at_shutdown: stats.spooled_events.load(Relaxed) - spooled_before,
+        unwritten: report.unwritten,
         took: signalled.elapsed(),
     };
     tracing::info!(
         accepted = drain.accepted,
         written_at_shutdown = drain.written_at_shutdown,
+        spooled_at_shutdown = drain.spooled_at_shutdown,
         unwritten = drain.unwritten,
+        spool_bytes = spool.bytes(),
         took_ms = drain.took.as_millis() as u64,
         "drain report"
     );
     Ok(drain)
 }
 
-/// Events durably stored in either table since start.
+/// Events committed to either table since start (live or replayed).
 fn stored(stats: &Stats) -> u64 {
     stats.written.load(Relaxed)
         + stats.rejected_unknown_campaign.load(Relaxed)

@@ -20,8 +20,16 @@ use crate::http::{self, AppState};
 
 /// A client must send its request head within this time (slow-loris guard).
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
-/// Largest request head hyper buffers (request line + headers).
-pub const MAX_HEAD_BYTES: usize = 16 * 1024;
+/// Largest request head hyper buffers (request line + headers); past it: `431`.
+/// Request targets over `http::MAX_URI_BYTES` but within this get `414`.
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+
+/// Connection-level limits.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Open connections at most; the next client waits in the listen backlog.
+    pub max_connections: usize,
+}
 
 /// Serves connections until `shutdown` resolves, then drains them until
 /// `deadline`. Returns the number of connections still open at the deadline.
@@ -30,7 +38,9 @@ pub async fn run(
     state: Arc<AppState>,
     shutdown: impl Future<Output = ()>,
     drain_for: Duration,
+    limits: Limits,
 ) -> usize {
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
     let graceful = GracefulShutdown::new();
     let mut builder = http1::Builder::new();
     builder
@@ -43,8 +53,8 @@ pub async fn run(
         tokio::select! {
             biased;
             _ = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _peer)) => {
+            accepted = accept(&listener, &slots) => match accepted {
+                Ok((stream, slot)) => {
                     let _ = stream.set_nodelay(true);
                     let state = state.clone();
                     let conn = builder.serve_connection(
@@ -55,6 +65,7 @@ pub async fn run(
                     tokio::spawn(async move {
                         // Client resets and timeouts end a connection; nothing to report.
                         let _ = conn.await;
+                        drop(slot);
                     });
                 }
                 Err(e) => {
@@ -75,4 +86,18 @@ pub async fn run(
             open
         }
     }
+}
+
+/// Waits for a free connection slot, then for a client.
+async fn accept(
+    listener: &TcpListener,
+    slots: &Arc<tokio::sync::Semaphore>,
+) -> std::io::Result<(tokio::net::TcpStream, tokio::sync::OwnedSemaphorePermit)> {
+    let slot = slots
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(|_| std::io::Error::other("connection slots closed"))?;
+    let (stream, _peer) = listener.accept().await?;
+    Ok((stream, slot))
 }

@@ -22,7 +22,7 @@
 
 use std::cell::{RefCell, UnsafeCell};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
@@ -96,13 +96,21 @@ pub struct ShardData {
     pub aggregates: HashMap<AggKey, Counts, KeyHasher>,
     /// Receipt time of the first event in this buffer (0 when empty).
     pub first_received_ms: i64,
+    /// Sum of `event_bytes` over the rows (the memory-cap estimate).
+    counted_bytes: u64,
 }
 
-/// The arena cannot hold more than `u32::MAX` bytes; a flush is long due
-/// before that, and the caller turns this into a 503.
+/// Why an event was not recorded. The caller turns it into a 503 (POST) or
+/// a dropped-and-counted pixel (GET).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("shard buffer is full")]
-pub struct ShardFull;
+pub enum ShardFull {
+    /// The memory cap is reached (the database and the spool are not keeping up).
+    #[error("event buffers are at their memory cap")]
+    Shedding,
+    /// This shard's string arena is at its 4 GiB addressing limit.
+    #[error("shard buffer is full")]
+    Arena,
+}
 
 impl ShardData {
     fn with_capacity(rows: usize, keys: usize) -> Self {
@@ -111,6 +119,7 @@ impl ShardData {
             arena: Vec::with_capacity(rows * 80),
             aggregates: HashMap::with_capacity_and_hasher(keys, KeyHasher::default()),
             first_received_ms: 0,
+            counted_bytes: 0,
         }
     }
 
@@ -129,7 +138,18 @@ impl ShardData {
         }
     }
 
-    fn push(
+    /// An empty buffer (the spool rebuilds batches into these).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Bytes this buffer holds for its rows and strings.
+    pub fn used_bytes(&self) -> usize {
+        self.rows.len() * std::mem::size_of::<RawEvent>() + self.arena.len()
+    }
+
+    /// Appends one event: its row, its strings, and its aggregate count.
+    pub fn push(
         &mut self,
         ev: &Event<'_>,
         user_agent: Option<&str>,
@@ -137,11 +157,12 @@ impl ShardData {
     ) -> Result<(), ShardFull> {
         let need = ev.page_url.len() + user_agent.map_or(0, str::len);
         if self.arena.len() + need >= u32::MAX as usize {
-            return Err(ShardFull);
+            return Err(ShardFull::Arena);
         }
-        if self.rows.is_empty() {
+        if self.rows.is_empty() || received_ms < self.first_received_ms {
             self.first_received_ms = received_ms;
         }
+        self.counted_bytes += event_bytes(ev, user_agent);
         let page_url = self.store(Some(ev.page_url));
         let user_agent = self.store(user_agent);
         self.rows.push(RawEvent {
@@ -213,6 +234,9 @@ pub struct Shard {
     recorded: AtomicU64,
     /// Events taken out of this shard by the coordinator. Written by it only.
     taken: AtomicU64,
+    /// Approximate bytes recorded / taken, for the memory cap.
+    recorded_bytes: AtomicU64,
+    taken_bytes: AtomicU64,
 }
 
 impl Shard {
@@ -221,6 +245,8 @@ impl Shard {
             cell: ArcSwap::from_pointee(ShardCell(UnsafeCell::new(ShardData::default()))),
             recorded: AtomicU64::new(0),
             taken: AtomicU64::new(0),
+            recorded_bytes: AtomicU64::new(0),
+            taken_bytes: AtomicU64::new(0),
         }
     }
 
@@ -240,6 +266,9 @@ impl Shard {
         // Single writer: a plain load + store, no locked instruction.
         self.recorded
             .store(self.recorded.load(Relaxed) + 1, Relaxed);
+        let bytes = event_bytes(ev, user_agent);
+        self.recorded_bytes
+            .store(self.recorded_bytes.load(Relaxed) + bytes, Relaxed);
         Ok(len)
     }
 
@@ -268,8 +297,17 @@ impl Shard {
         };
         self.taken
             .store(self.taken.load(Relaxed) + data.rows.len() as u64, Relaxed);
+        self.taken_bytes
+            .store(self.taken_bytes.load(Relaxed) + data.counted_bytes, Relaxed);
         data
     }
+}
+
+/// Memory an event costs while buffered: its row, its strings and a share of
+/// the aggregate table.
+fn event_bytes(ev: &Event<'_>, user_agent: Option<&str>) -> u64 {
+    (std::mem::size_of::<RawEvent>() + 48 + ev.page_url.len() + user_agent.map_or(0, str::len))
+        as u64
 }
 
 static NEXT_SET_ID: AtomicU64 = AtomicU64::new(1);
@@ -285,6 +323,7 @@ pub struct ShardSet {
     shards: Mutex<Vec<Arc<Shard>>>,
     max_events: usize,
     full: Notify,
+    shedding: AtomicBool,
 }
 
 impl ShardSet {
@@ -295,6 +334,7 @@ impl ShardSet {
             shards: Mutex::new(Vec::new()),
             max_events: max_events.max(1),
             full: Notify::new(),
+            shedding: AtomicBool::new(false),
         }
     }
 
@@ -308,6 +348,9 @@ impl ShardSet {
         user_agent: Option<&str>,
         received_ms: i64,
     ) -> Result<(), ShardFull> {
+        if self.shedding.load(Relaxed) {
+            return Err(ShardFull::Shedding);
+        }
         let len = LOCAL.with(|local| {
             let mut local = local.borrow_mut();
             let shard = match local.iter().find(|(id, _)| *id == self.id) {
@@ -354,6 +397,29 @@ impl ShardSet {
             }
         }
         out
+    }
+
+    /// Turns load shedding on or off (see `admission`).
+    pub fn set_shedding(&self, on: bool) {
+        self.shedding.store(on, Relaxed);
+    }
+
+    pub fn is_shedding(&self) -> bool {
+        self.shedding.load(Relaxed)
+    }
+
+    /// Approximate bytes recorded and not yet taken by the coordinator.
+    pub fn pending_bytes(&self) -> u64 {
+        self.shards
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|s| {
+                s.recorded_bytes
+                    .load(Relaxed)
+                    .saturating_sub(s.taken_bytes.load(Relaxed))
+            })
+            .sum()
     }
 
     /// Events recorded since start, over all shards.

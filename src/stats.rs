@@ -84,8 +84,20 @@ pub struct Stats {
     pub last_flush_events: AtomicU64,
     /// Receipt → commit of the oldest event of the last batch.
     pub last_flush_age_ms: AtomicU64,
-    /// Events handed to the writer and not yet committed or rejected.
+    /// Events handed to the writer and not yet committed, rejected or spooled.
     pub in_writer: AtomicU64,
+    pub in_writer_bytes: AtomicU64,
+    /// GET pixels answered while shedding load (the event was not kept).
+    pub dropped_buffer_full: AtomicU64,
+    pub spooled_events: AtomicU64,
+    pub spooled_batches: AtomicU64,
+    pub spool_failures: AtomicU64,
+    pub replayed_events: AtomicU64,
+    pub replayed_batches: AtomicU64,
+    /// Batches found already committed in the ledger (lost acks, replays).
+    pub duplicate_batches: AtomicU64,
+    pub spool_damaged_records: AtomicU64,
+    pub spool_damaged_bytes: AtomicU64,
     pub db_up: AtomicBool,
     pub migrated: AtomicBool,
 }
@@ -113,6 +125,16 @@ impl Stats {
             last_flush_events: AtomicU64::new(0),
             last_flush_age_ms: AtomicU64::new(0),
             in_writer: AtomicU64::new(0),
+            in_writer_bytes: AtomicU64::new(0),
+            dropped_buffer_full: AtomicU64::new(0),
+            spooled_events: AtomicU64::new(0),
+            spooled_batches: AtomicU64::new(0),
+            spool_failures: AtomicU64::new(0),
+            replayed_events: AtomicU64::new(0),
+            replayed_batches: AtomicU64::new(0),
+            duplicate_batches: AtomicU64::new(0),
+            spool_damaged_records: AtomicU64::new(0),
+            spool_damaged_bytes: AtomicU64::new(0),
             db_up: AtomicBool::new(false),
             migrated: AtomicBool::new(false),
         }
@@ -188,5 +210,33 @@ impl LatencySummary {
             p999_us: us(h.value_at_quantile(0.999)),
             max_us: us(h.max()),
         }
+    }
+}
+
+/// Lets one log line through per `every`; the others are only counted.
+pub struct RateLimitedLog {
+    every_ms: u64,
+    last_ms: AtomicU64,
+    epoch: Instant,
+}
+
+impl RateLimitedLog {
+    pub fn new(every: Duration) -> Self {
+        RateLimitedLog {
+            every_ms: every.as_millis() as u64,
+            last_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
+        }
+    }
+
+    /// True at most once per period.
+    pub fn allow(&self) -> bool {
+        let now = self.epoch.elapsed().as_millis() as u64 + self.every_ms;
+        let last = self.last_ms.load(Relaxed);
+        now >= last + self.every_ms
+            && self
+                .last_ms
+                .compare_exchange(last, now, Relaxed, Relaxed)
+                .is_ok()
     }
 }

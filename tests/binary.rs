@@ -93,6 +93,7 @@ async fn migrate_then_sigterm_drains_and_exits_zero() {
         .env("HOST", "127.0.0.1")
         .env("FLUSH_INTERVAL_MS", "3600000")
         .env("NODE_ENV", "production")
+        .env("SPOOL_DIR", temp_dir("spool"))
         .stderr(Stdio::piped())
         .spawn()
         .expect("start ingest");
@@ -209,5 +210,5 @@ async fn migrations_adopt_a_database_the_node_service_already_uses() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(versions, [1, 2]);
+    assert_eq!(versions, [1, 2, 3]);
 }

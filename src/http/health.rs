@@ -39,7 +39,19 @@ pub fn document(state: &AppState) -> Value {
             serde_json::to_value(summary).unwrap_or(Value::Null),
         );
     }
+    let spool = json!({
+        "bytes": state.spool.bytes(),
+        "max_bytes": state.spool.max_bytes(),
+        "spooled_events": s.spooled_events.load(Relaxed),
+        "spooled_batches": s.spooled_batches.load(Relaxed),
+        "replayed_events": s.replayed_events.load(Relaxed),
+        "replayed_batches": s.replayed_batches.load(Relaxed),
+        "failures": s.spool_failures.load(Relaxed),
+        "damaged_records": s.spool_damaged_records.load(Relaxed),
+        "damaged_bytes": s.spool_damaged_bytes.load(Relaxed),
+    });
     json!({
+        "spool": spool,
         "status": status,
         "service": "analytics-ingest",
         "timestamp": humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
@@ -50,6 +62,8 @@ pub fn document(state: &AppState) -> Value {
             "accepted": accepted,
             "rejected": s.rejected_invalid.load(Relaxed),
             "shed": s.shed.load(Relaxed),
+            "dropped": { "buffer_full": s.dropped_buffer_full.load(Relaxed) },
+            "shedding": state.shards.is_shedding(),
             "buffered": accepted.saturating_sub(stored),
             "buffered_in_shards": state.shards.pending(),
             "in_writer": s.in_writer.load(Relaxed),
@@ -62,6 +76,8 @@ pub fn document(state: &AppState) -> Value {
             "last_flush_events": s.last_flush_events.load(Relaxed),
             "last_flush_age_ms": s.last_flush_age_ms.load(Relaxed),
             "migrated": s.migrated.load(Relaxed),
+            "duplicate_batches": s.duplicate_batches.load(Relaxed),
+            "in_writer_bytes": s.in_writer_bytes.load(Relaxed),
             "campaigns_cached": state.campaigns_cached(),
         },
     })

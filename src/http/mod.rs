@@ -29,12 +29,15 @@ use crate::accounts::AccountCache;
 use crate::config::AllowedOrigins;
 use crate::event::{self, EventKind, Limits};
 use crate::shard::ShardSet;
-use crate::stats::{Route, Stats};
+use crate::spool::Spool;
+use crate::stats::{RateLimitedLog, Route, Stats};
 use response::Body;
 
 /// Bodies on the event endpoints are read and discarded up to this size
 /// (`sendBeacon` may attach a small payload); larger ones get `413`.
 pub const MAX_BODY_BYTES: usize = 16 * 1024;
+/// Longest accepted request target (path + query); longer gets `414`.
+pub const MAX_URI_BYTES: usize = 8 * 1024;
 
 /// What request handling needs; shared by every connection.
 pub struct AppState {
@@ -44,6 +47,10 @@ pub struct AppState {
     pub origins: AllowedOrigins,
     pub limits: Limits,
     pub shutting_down: AtomicBool,
+    /// The spool, read for `/health` only.
+    pub spool: Arc<Spool>,
+    /// One log line per second at most for pixels dropped while shedding.
+    pub dropped_log: RateLimitedLog,
 }
 
 impl AppState {
@@ -76,6 +83,9 @@ pub async fn handle(
 }
 
 async fn route(state: &AppState, req: Request<Incoming>) -> (Option<Route>, Response<Body>) {
+    if req.uri().path_and_query().map_or(0, |pq| pq.as_str().len()) > MAX_URI_BYTES {
+        return (None, response::uri_too_long(MAX_URI_BYTES));
+    }
     let kind = match req.uri().path() {
         "/event/impression" => EventKind::Impression,
         "/event/click" => EventKind::Click,
@@ -148,6 +158,18 @@ async fn record(state: &AppState, kind: EventKind, req: Request<Incoming>) -> Re
                     Ok(ev) => match state.shards.record(&ev, ua.as_deref(), received) {
                         Ok(()) if is_get => response::pixel(true),
                         Ok(()) => response::accepted(),
+                        Err(refused) if is_get => {
+                            // The pixel still renders; the event is counted as dropped.
+                            state.stats.dropped_buffer_full.fetch_add(1, Relaxed);
+                            if state.dropped_log.allow() {
+                                tracing::warn!(
+                                    reason = %refused,
+                                    dropped_total = state.stats.dropped_buffer_full.load(Relaxed),
+                                    "dropping pixel events: buffers at their memory cap"
+                                );
+                            }
+                            response::pixel(true)
+                        }
                         Err(_) => {
                             state.stats.shed.fetch_add(1, Relaxed);
                             response::overloaded()

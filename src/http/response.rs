@@ -128,3 +128,12 @@ pub fn origin_not_allowed() -> Response<Body> {
             .into(),
     )
 }
+
+pub fn uri_too_long(limit: usize) -> Response<Body> {
+    json(
+        StatusCode::URI_TOO_LONG,
+        format!(
+            r#"{{"error":"uri_too_long","message":"request target longer than {limit} bytes"}}"#
+        ),
+    )
+}

@@ -77,6 +77,7 @@ impl TestApp {
         config.flush_interval = Duration::from_millis(200);
         config.pool_max = 5;
         config.shutdown_timeout = Duration::from_secs(10);
+        config.spool_dir = temp_dir("spool");
         tune(&mut config);
         let pool = ingest::db::pool(&config).expect("pool");
         ingest::db::migrate(&pool).await.expect("migrate");
@@ -103,6 +104,7 @@ impl TestApp {
         let mut config = Config::with_database_url(db_url.clone());
         config.flush_interval = Duration::from_millis(200);
         config.pool_max = 5;
+        config.spool_dir = temp_dir("spool");
         tune(&mut config);
         let db = connect(&db_url).await;
         Self::start(db_url, db, config).await
@@ -142,6 +144,7 @@ impl TestApp {
         let mut config = Config::with_database_url(db_url.clone());
         config.connect_timeout = Duration::from_millis(200);
         config.flush_interval = Duration::from_millis(100);
+        config.spool_dir = temp_dir("spool");
         tune(&mut config);
         // Nothing to query: `db` is a connection to the admin database.
         let db = connect(&admin_url()).await;
@@ -290,4 +293,9 @@ pub fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .expect("clock after 1970")
         .as_millis() as i64
+}
+
+/// A fresh, not yet existing directory under the system temp dir.
+pub fn temp_dir(tag: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("ingest-test-{tag}-{}", Uuid::new_v4().simple()))
 }

@@ -1,28 +1,30 @@
 //! `PgWriter`: lands batches in PostgreSQL, one transaction per batch.
 //!
 //! For each batch: resolve campaign → account (one query for cache misses),
-//! then in a single transaction binary-COPY the rows into `events`, upsert the
-//! merged aggregates into `metrics_hourly` with one set-based statement whose
-//! input is sorted by the conflict key (so replicas writing at once always
-//! lock rows in the same order and cannot deadlock), and COPY the events of
-//! unknown campaigns into `rejected_events`. Rows and aggregates commit
-//! together or not at all.
+//! then in a single transaction: claim the batch id in the `ingest_batches`
+//! ledger (if it is already there the batch committed before, and nothing is
+//! changed), binary-COPY the rows into `events`, upsert the merged aggregates
+//! into `metrics_hourly` with one set-based statement whose input is sorted by
+//! the conflict key (so replicas writing at once lock rows in the same order
+//! and cannot deadlock), and COPY the events of unknown campaigns into
+//! `rejected_events`. Rows, aggregates and the ledger entry commit together or
+//! not at all.
 //!
-//! A failed batch is kept and retried with capped exponential backoff; an
-//! error the database will keep raising for this data (a data or constraint
-//! error, three times in a row) moves the batch to `rejected_events` instead
-//! of blocking the pipeline forever. This side never reaches back into
-//! request handling: it sees only `Batch`.
+//! [`deliver`] runs live batches (retry, then the spool); [`replay`] feeds the
+//! spool back. This side never reaches back into request handling: it sees
+//! only `Batch`.
+
+pub mod deliver;
+pub mod replay;
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use deadpool_postgres::{Pool, Transaction};
 use futures_util::SinkExt;
-use tokio::sync::{mpsc, watch, OnceCell, Semaphore};
-use tokio::task::JoinSet;
+use tokio::sync::OnceCell;
 use uuid::Uuid;
 
 use crate::accounts::AccountCache;
@@ -49,6 +51,9 @@ const UPSERT_AGGREGATES: &str = "INSERT INTO metrics_hourly AS m \
             updated_at = now()";
 
 /// Streamed to the server in pieces of about this size.
+const CLAIM_BATCH: &str =
+    "INSERT INTO ingest_batches (id, events) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING";
+
 const COPY_CHUNK_BYTES: usize = 1 << 20;
 const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_CAP: Duration = Duration::from_secs(5);
@@ -61,6 +66,8 @@ pub struct WriteSummary {
     pub written: u64,
     pub unknown_campaign: u64,
     pub dead_lettered: u64,
+    /// The ledger already had this batch: it committed before; nothing changed.
+    pub duplicate: bool,
 }
 
 /// Why a write attempt failed.
@@ -72,6 +79,8 @@ pub enum WriteError {
     Query(#[from] tokio_postgres::Error),
     #[error("database unavailable: {0}")]
     Pool(#[from] deadpool_postgres::PoolError),
+    #[error("write did not finish within {0:?}")]
+    Timeout(Duration),
 }
 
 impl WriteError {
@@ -131,13 +140,20 @@ impl PgWriter {
         let mut client = self.pool.get().await?;
         let accounts = self.accounts.resolve(&**client, &batch.campaigns()).await?;
         let tx = client.transaction().await?;
+        if !claim(&tx, batch).await? {
+            tx.rollback().await?;
+            return Ok(WriteSummary {
+                duplicate: true,
+                ..WriteSummary::default()
+            });
+        }
         let (written, unknown) = copy_events(&tx, batch, &accounts).await?;
         upsert_aggregates(&tx, batch, &accounts).await?;
         if unknown > 0 {
             copy_rejected(
                 &tx,
                 batch,
-                |row_campaign| !accounts.contains_key(row_campaign),
+                |c| !accounts.contains_key(c),
                 "unknown_campaign",
             )
             .await?;
@@ -146,14 +162,22 @@ impl PgWriter {
         Ok(WriteSummary {
             written,
             unknown_campaign: unknown,
-            dead_lettered: 0,
+            ..WriteSummary::default()
         })
     }
 
-    /// Stores every event of `batch` in `rejected_events` with `reason`.
+    /// Stores every event of `batch` in `rejected_events` with `reason`
+    /// (claiming the batch id, so a replay of it is a no-op too).
     async fn dead_letter(&self, batch: &Batch, reason: &str) -> Result<WriteSummary, WriteError> {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
+        if !claim(&tx, batch).await? {
+            tx.rollback().await?;
+            return Ok(WriteSummary {
+                duplicate: true,
+                ..WriteSummary::default()
+            });
+        }
         let n = copy_rejected(&tx, batch, |_| true, reason).await?;
         tx.commit().await?;
         Ok(WriteSummary {
@@ -162,85 +186,74 @@ impl PgWriter {
         })
     }
 
-    /// Writes `batch` until it commits, or until `abort` turns true.
-    /// Returns `None` if aborted with the batch unwritten.
-    pub async fn write_with_retry(
+    /// One bounded attempt: `write` within `timeout`. Counts permanent errors
+    /// in `permanent_streak`; at [`PERMANENT_ATTEMPTS`] in a row the batch is
+    /// dead-lettered instead. Updates the database-up flag and failure count.
+    pub async fn attempt(
         &self,
         batch: &Batch,
-        abort: &mut watch::Receiver<bool>,
-    ) -> Option<WriteSummary> {
-        let mut attempt: u32 = 0;
-        let mut permanent_in_a_row: u32 = 0;
-        loop {
-            if *abort.borrow() {
-                return None;
+        timeout: Duration,
+        permanent_streak: &mut u32,
+    ) -> Result<WriteSummary, WriteError> {
+        let result = match tokio::time::timeout(timeout, self.write(batch)).await {
+            Ok(r) => r,
+            Err(_) => Err(WriteError::Timeout(timeout)),
+        };
+        let e = match result {
+            Ok(s) => {
+                self.stats.db_up.store(true, Relaxed);
+                return Ok(s);
             }
-            let started = Instant::now();
-            let result = tokio::select! {
-                r = self.write(batch) => r,
-                _ = abort.wait_for(|a| *a) => return None,
-            };
-            match result {
-                Ok(summary) => {
-                    self.stats.db_up.store(true, Relaxed);
-                    self.record_commit(batch, summary, started.elapsed());
-                    return Some(summary);
-                }
-                Err(e) => {
-                    attempt += 1;
-                    self.stats.write_failures.fetch_add(1, Relaxed);
-                    permanent_in_a_row = if e.is_permanent() {
-                        permanent_in_a_row + 1
-                    } else {
-                        0
-                    };
-                    if !e.is_permanent() {
-                        self.stats.db_up.store(false, Relaxed);
-                    }
-                    tracing::warn!(batch = %batch.id, events = batch.len(), attempt, error = %e, "batch write failed");
-                    if permanent_in_a_row >= PERMANENT_ATTEMPTS {
-                        let reason = format!("write_failed: {e}");
-                        match self.dead_letter(batch, &reason).await {
-                            Ok(summary) => {
-                                tracing::error!(batch = %batch.id, events = batch.len(), error = %e, "batch refused by the database; moved to rejected_events");
-                                self.record_commit(batch, summary, started.elapsed());
-                                return Some(summary);
-                            }
-                            Err(e2) => {
-                                tracing::warn!(batch = %batch.id, error = %e2, "dead-lettering failed")
-                            }
-                        }
-                    }
-                    let delay = backoff(attempt, batch.id);
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = abort.wait_for(|a| *a) => return None,
-                    }
-                }
+            Err(e) => e,
+        };
+        self.stats.write_failures.fetch_add(1, Relaxed);
+        if !e.is_permanent() {
+            *permanent_streak = 0;
+            if !matches!(e, WriteError::Timeout(_)) {
+                self.stats.db_up.store(false, Relaxed);
             }
+            return Err(e);
         }
+        *permanent_streak += 1;
+        if *permanent_streak < PERMANENT_ATTEMPTS {
+            return Err(e);
+        }
+        let reason = format!("write_failed: {e}");
+        let summary = self.dead_letter(batch, &reason).await?;
+        tracing::error!(batch = %batch.id, events = batch.len(), error = %e, "batch refused by the database; moved to rejected_events");
+        Ok(summary)
     }
 
-    fn record_commit(&self, batch: &Batch, s: WriteSummary, took: Duration) {
+    /// Counts a committed batch and logs one line for it.
+    pub fn record_commit(&self, batch: &Batch, s: WriteSummary, took: Duration, replayed: bool) {
         let st = &self.stats;
         st.written.fetch_add(s.written, Relaxed);
         st.rejected_unknown_campaign
             .fetch_add(s.unknown_campaign, Relaxed);
         st.dead_lettered.fetch_add(s.dead_lettered, Relaxed);
-        st.flushes.fetch_add(1, Relaxed);
-        st.in_writer.fetch_sub(batch.len() as u64, Relaxed);
-        st.last_flush_duration_us
-            .store(took.as_micros() as u64, Relaxed);
-        st.last_flush_events.store(batch.len() as u64, Relaxed);
-        st.last_flush_age_ms.store(
-            (unix_ms_now() - batch.oldest_received_ms).max(0) as u64,
-            Relaxed,
-        );
+        if s.duplicate {
+            st.duplicate_batches.fetch_add(1, Relaxed);
+        } else {
+            st.flushes.fetch_add(1, Relaxed);
+            st.last_flush_duration_us
+                .store(took.as_micros() as u64, Relaxed);
+            st.last_flush_events.store(batch.len() as u64, Relaxed);
+            st.last_flush_age_ms.store(
+                (unix_ms_now() - batch.oldest_received_ms).max(0) as u64,
+                Relaxed,
+            );
+        }
+        if replayed {
+            st.replayed_events
+                .fetch_add(s.written + s.unknown_campaign + s.dead_lettered, Relaxed);
+        }
         tracing::info!(
             batch = %batch.id,
             events = s.written,
             unknown_campaign = s.unknown_campaign,
             dead_lettered = s.dead_lettered,
+            duplicate = s.duplicate,
+            replayed,
             aggregates = batch.aggregates.len(),
             took_ms = took.as_millis() as u64,
             "flushed"
@@ -256,7 +269,15 @@ impl PgWriter {
     }
 }
 
-fn backoff(attempt: u32, id: Uuid) -> Duration {
+/// Claims `batch.id` in the ledger; false if it was already there.
+async fn claim(tx: &Transaction<'_>, batch: &Batch) -> Result<bool, tokio_postgres::Error> {
+    let stmt = tx.prepare_cached(CLAIM_BATCH).await?;
+    let events = i32::try_from(batch.len()).unwrap_or(i32::MAX);
+    Ok(tx.execute(&stmt, &[&batch.id, &events]).await? == 1)
+}
+
+/// Delay before retry number `attempt` (1-based): 100 ms doubling, capped at 5 s, with jitter.
+pub fn backoff(attempt: u32, id: Uuid) -> Duration {
     let exp = BACKOFF_START.saturating_mul(1u32 << attempt.min(16).saturating_sub(1));
     let base = exp.min(BACKOFF_CAP);
     // Up to 20% jitter, derived from the batch id so replicas spread out.
@@ -372,57 +393,4 @@ async fn upsert_aggregates(
     let stmt = tx.prepare_cached(UPSERT_AGGREGATES).await?;
     tx.execute(&stmt, &[&a, &u, &c, &h, &i, &k]).await?;
     Ok(())
-}
-
-/// What the writer loop left behind when it stopped.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct WriterReport {
-    /// Events committed (to `events`, `rejected_events` or dead-lettered).
-    pub stored: u64,
-    /// Events still unwritten when the loop was aborted.
-    pub unwritten: u64,
-}
-
-/// Receives batches and writes up to `concurrency` of them at once, each
-/// retried until it commits or `abort` turns true. Ends when the channel is
-/// closed and every batch is done.
-pub async fn run(
-    writer: Arc<PgWriter>,
-    mut batches: mpsc::Receiver<Batch>,
-    concurrency: usize,
-    abort: watch::Receiver<bool>,
-) -> WriterReport {
-    let permits = Arc::new(Semaphore::new(concurrency.max(1)));
-    let mut tasks: JoinSet<(u64, u64)> = JoinSet::new();
-    let mut report = WriterReport::default();
-    let absorb = |r: Result<(u64, u64), tokio::task::JoinError>, report: &mut WriterReport| match r
-    {
-        Ok((stored, unwritten)) => {
-            report.stored += stored;
-            report.unwritten += unwritten;
-        }
-        Err(e) => tracing::error!(error = %e, "writer task failed"),
-    };
-    while let Some(batch) = batches.recv().await {
-        let Ok(permit) = permits.clone().acquire_owned().await else {
-            break;
-        };
-        let writer = writer.clone();
-        let mut abort = abort.clone();
-        tasks.spawn(async move {
-            let _permit = permit;
-            let n = batch.len() as u64;
-            match writer.write_with_retry(&batch, &mut abort).await {
-                Some(_) => (n, 0),
-                None => (0, n),
-            }
-        });
-        while let Some(r) = tasks.try_join_next() {
-            absorb(r, &mut report);
-        }
-    }
-    while let Some(r) = tasks.join_next().await {
-        absorb(r, &mut report);
-    }
-    report
 }
