@@ -72,6 +72,8 @@ pub struct Config {
     pub write_timeout: Duration,
     /// Open client connections; further ones wait in the listen backlog.
     pub max_connections: usize,
+    /// A client must send a complete request head within this (slow-loris guard).
+    pub header_read_timeout: Duration,
 }
 
 /// Default size trigger per shard; see README "Flush policy" for the measurement.
@@ -103,6 +105,7 @@ impl Config {
             max_buffered_bytes: 256 << 20,
             write_timeout: Duration::from_secs(10),
             max_connections: 10_000,
+            header_read_timeout: Duration::from_secs(10),
         }
     }
 
@@ -267,6 +270,13 @@ impl Config {
             "a connection count, 1-1000000",
         )?
         .map_or(c.max_connections, |v| v as usize);
+        c.header_read_timeout = ms(
+            "HEADER_READ_TIMEOUT_MS",
+            100,
+            600_000,
+            "milliseconds, 100-600000",
+        )?
+        .unwrap_or(c.header_read_timeout);
         Ok(c)
     }
 }

@@ -193,6 +193,7 @@ pub async fn serve(
     };
     let limits = server::Limits {
         max_connections: config.max_connections,
+        header_read_timeout: config.header_read_timeout,
     };
     let open_connections = server::run(
         listener,

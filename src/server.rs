@@ -18,8 +18,6 @@ use tokio::time::Instant;
 
 use crate::http::{self, AppState};
 
-/// A client must send its request head within this time (slow-loris guard).
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest request head hyper buffers (request line + headers); past it: `431`.
 /// Request targets over `http::MAX_URI_BYTES` but within this get `414`.
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
@@ -29,6 +27,8 @@ pub const MAX_HEAD_BYTES: usize = 64 * 1024;
 pub struct Limits {
     /// Open connections at most; the next client waits in the listen backlog.
     pub max_connections: usize,
+    /// Time allowed for a complete request head (slow-loris guard).
+    pub header_read_timeout: Duration,
 }
 
 /// Serves connections until `shutdown` resolves, then drains them until
@@ -46,7 +46,7 @@ pub async fn run(
     builder
         .timer(TokioTimer::new())
         .keep_alive(true)
-        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .header_read_timeout(limits.header_read_timeout)
         .max_buf_size(MAX_HEAD_BYTES);
     tokio::pin!(shutdown);
     loop {

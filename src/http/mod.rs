@@ -38,6 +38,10 @@ use response::Body;
 pub const MAX_BODY_BYTES: usize = 16 * 1024;
 /// Longest accepted request target (path + query); longer gets `414`.
 pub const MAX_URI_BYTES: usize = 8 * 1024;
+/// Request headers larger than this in total, or more numerous, get `431`
+/// (hyper's own head buffer limit is not exact when a head arrives in one read).
+pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+pub const MAX_HEADERS: usize = 100;
 
 /// What request handling needs; shared by every connection.
 pub struct AppState {
@@ -85,6 +89,19 @@ pub async fn handle(
 async fn route(state: &AppState, req: Request<Incoming>) -> (Option<Route>, Response<Body>) {
     if req.uri().path_and_query().map_or(0, |pq| pq.as_str().len()) > MAX_URI_BYTES {
         return (None, response::uri_too_long(MAX_URI_BYTES));
+    }
+    let headers = req.headers();
+    if headers.len() > MAX_HEADERS
+        || headers
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len() + 4)
+            .sum::<usize>()
+            > MAX_HEADER_BYTES
+    {
+        return (
+            None,
+            response::headers_too_large(MAX_HEADER_BYTES, MAX_HEADERS),
+        );
     }
     let kind = match req.uri().path() {
         "/event/impression" => EventKind::Impression,

@@ -137,3 +137,12 @@ pub fn uri_too_long(limit: usize) -> Response<Body> {
         ),
     )
 }
+
+pub fn headers_too_large(bytes: usize, count: usize) -> Response<Body> {
+    json(
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+        format!(
+            r#"{{"error":"headers_too_large","message":"request headers over {bytes} bytes or {count} fields"}}"#
+        ),
+    )
+}

@@ -7,6 +7,9 @@
 
 #![allow(dead_code)]
 
+pub mod pg;
+pub mod proxy;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -73,24 +76,23 @@ impl TestApp {
     /// defaults (flush interval 200 ms) adjusted by `tune`.
     pub async fn spawn_with(campaigns: &[Campaign], tune: impl FnOnce(&mut Config)) -> TestApp {
         let db_url = fresh_database().await;
+        Self::spawn_on(db_url, campaigns, tune).await
+    }
+
+    /// Like `spawn_with`, on an existing (empty) database.
+    pub async fn spawn_on(
+        db_url: String,
+        campaigns: &[Campaign],
+        tune: impl FnOnce(&mut Config),
+    ) -> TestApp {
         let mut config = Config::with_database_url(db_url.clone());
         config.flush_interval = Duration::from_millis(200);
         config.pool_max = 5;
         config.shutdown_timeout = Duration::from_secs(10);
         config.spool_dir = temp_dir("spool");
         tune(&mut config);
-        let pool = ingest::db::pool(&config).expect("pool");
-        ingest::db::migrate(&pool).await.expect("migrate");
-        pool.close();
+        prepare_database(&db_url, campaigns).await;
         let db = connect(&db_url).await;
-        for c in campaigns {
-            db.execute(
-                "INSERT INTO campaigns (id, account_id) VALUES ($1, $2)",
-                &[&c.id, &c.account],
-            )
-            .await
-            .expect("seed campaign");
-        }
         Self::start(db_url, db, config).await
     }
 
@@ -264,6 +266,65 @@ pub async fn count(db: &Client, table: &str) -> i64 {
         .await
         .expect("count")
         .get(0)
+}
+
+/// Migrates `db_url` and inserts `campaigns`.
+pub async fn prepare_database(db_url: &str, campaigns: &[Campaign]) {
+    let pool = ingest::db::pool(&Config::with_database_url(db_url)).expect("pool");
+    ingest::db::migrate(&pool).await.expect("migrate");
+    pool.close();
+    let db = connect(db_url).await;
+    for c in campaigns {
+        db.execute(
+            "INSERT INTO campaigns (id, account_id) VALUES ($1, $2)",
+            &[&c.id, &c.account],
+        )
+        .await
+        .expect("seed campaign");
+    }
+}
+
+/// Polls `/health` at `base` until `done(health)` or `timeout`; returns the last document.
+pub async fn wait_health(
+    http: &reqwest::Client,
+    base: &str,
+    timeout: Duration,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let until = tokio::time::Instant::now() + timeout;
+    let mut last = serde_json::Value::Null;
+    loop {
+        if let Ok(r) = http.get(format!("{base}/health")).send().await {
+            if let Ok(h) = r.json::<serde_json::Value>().await {
+                if done(&h) {
+                    return h;
+                }
+                last = h;
+            }
+        }
+        if tokio::time::Instant::now() >= until {
+            return last;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `metrics_hourly` rows that differ from `events` grouped by (account, ad unit, campaign, hour).
+pub async fn aggregate_drift(db: &Client) -> i64 {
+    db.query_one(
+        "SELECT count(*) FROM (
+           SELECT account_id, ad_unit_id, campaign_id, date_trunc('hour', timestamp) AS h,
+                  count(*) FILTER (WHERE event_type = 'impression') AS i,
+                  count(*) FILTER (WHERE event_type = 'click') AS c
+             FROM events GROUP BY 1, 2, 3, 4) e
+         FULL JOIN metrics_hourly m
+           ON (m.account_id, m.ad_unit_id, m.campaign_id, m.hour_timestamp) = (e.account_id, e.ad_unit_id, e.campaign_id, e.h)
+        WHERE m.id IS NULL OR e.h IS NULL OR m.impressions <> e.i OR m.clicks <> e.c",
+        &[],
+    )
+    .await
+    .expect("drift query")
+    .get(0)
 }
 
 /// `n` campaigns spread over `accounts` accounts.
