@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# scripts/drill.sh outage|crash — fault drills under the shared wrk load, with figures.
+#
+#   outage  PostgreSQL is stopped (-m immediate) OUTAGE_S seconds (default 15) into a
+#           LOAD_S-second (default 40) wrk run and started again OUTAGE_S later.
+#           Prints events spooled and replayed, replay time and rate, peak RSS and
+#           spool size, and wrk's 2xx next to the rows in `events`.
+#   crash   The service is killed with SIGKILL KILL_AT_S seconds (default 5) into a
+#           10 s wrk run, then started again on the same spool. Prints the 2xx count,
+#           the rows after recovery, and the difference: the kill -9 loss.
+#
+# Setup as scripts/bench-wrk.sh: throw-away PostgreSQL (../shared/bench/pg-up.sh) with
+# the fixture campaigns, release build; service and PostgreSQL on core 0, wrk on core 1.
+# All load goes to 127.0.0.1 and is time-bounded.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+MODE=${1:?usage: drill.sh outage|crash}
+PORT=${PORT:-18082}
+PGPORT=${BENCH_PGPORT:-55498}
+CONNS=${CONNS:-64}
+SHARED=${SHARED:-$(cd .. && pwd)/shared}
+BENCH="$SHARED/bench"
+command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
+. scripts/lib.sh
+pg_ensure_installed
+
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/ingest-drill.XXXXXX"); chmod 755 "$WORK"
+SVC_PID=""; WRK_PID=""
+cleanup() {
+  [ -n "$WRK_PID" ] && kill "$WRK_PID" 2>/dev/null || true
+  [ -n "$SVC_PID" ] && kill -9 "$SVC_PID" 2>/dev/null || true
+  "$BENCH/pg-down.sh" "$WORK/pg" --purge >/dev/null 2>&1 || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+cargo build --release --quiet
+pgup() { PIN_CPU=0 "$BENCH/pg-up.sh" "$WORK/pg" "$PGPORT" 2>/dev/null | grep ^export; }
+eval "$(pgup)"
+PSQL() { "$PGBIN/psql" -X -q -v ON_ERROR_STOP=1 "$DATABASE_URL" "$@"; }
+./target/release/ingest migrate 2>/dev/null
+PSQL -f "$BENCH/fixtures/fixtures.sql" >/dev/null
+export SPOOL_DIR="$WORK/spool"
+
+start_service() {
+  env PORT=$PORT HOST=127.0.0.1 WORKER_THREADS=1 LOG_LEVEL=warn DB_CONNECT_TIMEOUT_MS=500 \
+    taskset -c 0 ./target/release/ingest 2>>"$WORK/service.log" &
+  SVC_PID=$!
+  for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$PORT/health" >/dev/null && return; sleep 0.1; done
+  echo "service did not start" >&2; exit 1
+}
+health() { curl -s "http://127.0.0.1:$PORT/health"; }
+field() { python3 -c "import json,sys; d=json.load(sys.stdin); print(eval('d' + sys.argv[1]))" "$1"; }
+rss_kib() { awk '/VmRSS/{print $2}' "/proc/$SVC_PID/status" 2>/dev/null || echo 0; }
+run_wrk() { taskset -c 1 wrk -t1 -c"$CONNS" -d"$1" --latency -s "$BENCH/wrk/event.lua" "http://127.0.0.1:$PORT" >"$WORK/wrk.out" 2>&1 & WRK_PID=$!; }
+wrk_2xx() {
+  local r; r=$(grep ^RESULT "$WORK/wrk.out")
+  echo $(( $(echo "$r" | sed -E 's/.* requests=([0-9]+).*/\1/') - $(echo "$r" | sed -E 's/.* non2xx=([0-9]+).*/\1/') ))
+}
+
+case "$MODE" in
+outage)
+  LOAD_S=${LOAD_S:-40}; OUTAGE_AT_S=${OUTAGE_AT_S:-5}; OUTAGE_S=${OUTAGE_S:-15}
+  start_service
+  run_wrk "${LOAD_S}s"
+  PEAK_RSS=0; PEAK_SPOOL=0; T0=$(date +%s.%N); STOPPED=0; RESTARTED=0
+  while kill -0 "$WRK_PID" 2>/dev/null; do
+    NOW=$(echo "$(date +%s.%N) - $T0" | bc)
+    if [ $STOPPED = 0 ] && [ "$(echo "$NOW >= $OUTAGE_AT_S" | bc)" = 1 ]; then
+      runuser -u postgres -- "$PGBIN/pg_ctl" -D "$WORK/pg/data" -m immediate -w stop >/dev/null; STOPPED=1
+      echo "t=${NOW}s PostgreSQL stopped (-m immediate)"
+    fi
+    if [ $STOPPED = 1 ] && [ $RESTARTED = 0 ] && [ "$(echo "$NOW >= $OUTAGE_AT_S + $OUTAGE_S" | bc)" = 1 ]; then
+      eval "$(pgup)"; RESTARTED=1; T_UP=$(date +%s.%N); SPOOLED_AT_UP=$(health | field '["spool"]["spooled_events"]')
+      echo "t=${NOW}s PostgreSQL started again; events spooled during the outage: $SPOOLED_AT_UP"
+    fi
+    R=$(rss_kib); [ "$R" -gt "$PEAK_RSS" ] && PEAK_RSS=$R
+    S=$(health | field '["spool"]["bytes"]' 2>/dev/null || echo 0); [ "$S" -gt "$PEAK_SPOOL" ] && PEAK_SPOOL=$S
+    sleep 0.2
+  done
+  WRK_PID=""
+  # Wait for the replay to finish.
+  for _ in $(seq 1 600); do
+    H=$(health)
+    [ "$(echo "$H" | field '["spool"]["bytes"]')" = 0 ] && [ "$(echo "$H" | field '["pipeline"]["buffered"]')" = 0 ] && break
+    sleep 0.2
+  done
+  T_DONE=$(date +%s.%N)
+  H=$(health)
+  REPLAYED=$(echo "$H" | field '["spool"]["replayed_events"]')
+  SPOOLED=$(echo "$H" | field '["spool"]["spooled_events"]')
+  kill -TERM "$SVC_PID"; wait "$SVC_PID" || true; SVC_PID=""
+  ROWS=$(PSQL -Atc "SELECT count(*) FROM events")
+  DRIFT=$(PSQL -Atc "SELECT count(*) FROM (SELECT account_id, ad_unit_id, campaign_id, date_trunc('hour', timestamp) h, count(*) FILTER (WHERE event_type='impression') i, count(*) FILTER (WHERE event_type='click') c FROM events GROUP BY 1,2,3,4) e FULL JOIN metrics_hourly m ON (m.account_id, m.ad_unit_id, m.campaign_id, m.hour_timestamp) = (e.account_id, e.ad_unit_id, e.campaign_id, e.h) WHERE m.id IS NULL OR e.h IS NULL OR m.impressions <> e.i OR m.clicks <> e.c")
+  grep ^RESULT "$WORK/wrk.out"
+  echo "outage_s=$OUTAGE_S spooled_events=$SPOOLED replayed_events=$REPLAYED replay_after_restart_s=$(echo "$T_DONE - $T_UP" | bc)"
+  echo "replay_rate_events_per_s=$(echo "$REPLAYED / ($T_DONE - $T_UP)" | bc) peak_rss_kib=$PEAK_RSS peak_spool_bytes=$PEAK_SPOOL"
+  echo "wrk_2xx=$(wrk_2xx) events_rows=$ROWS aggregate_drift_rows=$DRIFT"
+  echo "damaged/failed: $(echo "$H" | field '["spool"]')"
+  ;;
+crash)
+  KILL_AT_S=${KILL_AT_S:-5}
+  start_service
+  run_wrk 10s
+  sleep "$KILL_AT_S"
+  H=$(health)
+  kill -9 "$SVC_PID"; SVC_PID=""
+  echo "SIGKILL at ${KILL_AT_S}s; last /health before: accepted=$(echo "$H" | field '["pipeline"]["accepted"]') written=$(echo "$H" | field '["pipeline"]["written"]')"
+  wait "$WRK_PID" || true; WRK_PID=""
+  start_service
+  for _ in $(seq 1 300); do
+    [ "$(health | field '["spool"]["bytes"]')" = 0 ] && break; sleep 0.2
+  done
+  kill -TERM "$SVC_PID"; wait "$SVC_PID" || true; SVC_PID=""
+  ROWS=$(PSQL -Atc "SELECT count(*) FROM events")
+  OK=$(grep ^RESULT "$WORK/wrk.out" | sed -E 's/.* requests=([0-9]+).*/\1/')
+  grep ^RESULT "$WORK/wrk.out"
+  echo "wrk_responses=$OK events_rows=$ROWS lost_acknowledged=$(( OK > ROWS ? OK - ROWS : 0 ))"
+  ;;
+*) echo "usage: drill.sh outage|crash" >&2; exit 2 ;;
+esac
