@@ -53,7 +53,7 @@ fn main() {
             .record(&ev, Some("Mozilla/5.0 (X11; Linux x86_64)"), now)
             .expect("room");
         if i % 200_000 == 199_999 {
-            black_box(runtime.block_on(shards.take_all()));
+            black_box(runtime.block_on(shards.take_all(|_, _| {})));
         }
     }
     let record_ns = t.elapsed().as_nanos() as f64 / n as f64;

@@ -1,14 +1,16 @@
 //! Admission control: keeps the events held in memory under their caps.
 //!
 //! Every few milliseconds it adds up what the shards hold and what the writer
-//! holds (batches not yet committed or spooled) and turns load shedding on at
-//! either cap (`MAX_BUFFERED_EVENTS`, `MAX_BUFFERED_BYTES`), off again below
-//! 90% of both. Memory only reaches a cap when the spool cannot take batches
-//! either (full or failing) or cannot keep up; while it can, failed batches
-//! leave memory as soon as they are on disk. Between two checks a burst can
-//! overshoot a cap by at most one check interval of traffic.
+//! holds (batches not yet committed or spooled), and hands each shard a budget:
+//! its share of the room left under `MAX_BUFFERED_EVENTS` and
+//! `MAX_BUFFERED_BYTES`. A shard's owner refuses events past its budget (one
+//! relaxed load per event, no shared counter), so the caps hold however late
+//! the next check runs; a late check only means refusing a little early.
+//! Memory only reaches a cap when the spool cannot take batches either (full
+//! or failing) or cannot keep up; while it can, failed batches leave memory as
+//! soon as they are on disk.
 
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::Ordering::SeqCst;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,33 +29,30 @@ pub struct Admission {
 }
 
 impl Admission {
-    /// Events and bytes held in memory now.
-    pub fn held(&self) -> (u64, u64) {
-        let events = self.shards.pending() + self.stats.in_writer.load(Relaxed);
-        let bytes = self.shards.pending_bytes() + self.stats.in_writer_bytes.load(Relaxed);
-        (events, bytes)
-    }
-
-    /// Re-evaluates the shedding flag once.
+    /// Re-computes every shard's budget once; logs when shedding starts or stops.
     pub fn check(&self) {
-        let (events, bytes) = self.held();
-        let shedding = self.shards.is_shedding();
-        let over = events >= self.max_events || bytes >= self.max_bytes;
-        let well_under = events * 10 < self.max_events * 9 && bytes * 10 < self.max_bytes * 9;
-        if !shedding && over {
-            self.shards.set_shedding(true);
-            tracing::warn!(
+        let was = self.shards.is_shedding();
+        let stats = &self.stats;
+        let (events, bytes) = self.shards.budget(self.max_events, self.max_bytes, || {
+            (
+                stats.in_writer.load(SeqCst),
+                stats.in_writer_bytes.load(SeqCst),
+            )
+        });
+        match (was, self.shards.is_shedding()) {
+            (false, true) => {
+                tracing::warn!(
+                    events,
+                    bytes,
+                    "memory cap reached: shedding load (POST 503, GET pixels dropped)"
+                )
+            }
+            (true, false) => tracing::info!(
                 events,
                 bytes,
-                "memory cap reached: shedding load (POST 503, GET pixels dropped)"
-            );
-        } else if shedding && well_under {
-            self.shards.set_shedding(false);
-            tracing::info!(
-                events,
-                bytes,
-                "below the memory cap again: accepting events"
-            );
+                "room under the memory cap again: accepting events"
+            ),
+            _ => {}
         }
     }
 

@@ -84,6 +84,11 @@ impl Batch {
         v
     }
 
+    /// The memory-cap estimate of the batch's events (what admission counts).
+    pub fn counted_bytes(&self) -> u64 {
+        self.parts.iter().map(ShardData::counted_bytes).sum()
+    }
+
     /// Approximate memory held by the batch.
     pub fn approx_bytes(&self) -> usize {
         self.parts

@@ -6,7 +6,7 @@
 //! When it stops, it drops its sender, which tells the writer no more
 //! batches will come. It never touches the database.
 
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -53,15 +53,21 @@ impl Coordinator {
 
     /// Swaps all shards out and queues their contents as one batch.
     pub async fn flush(&self) {
-        let parts = self.shards.take_all().await;
+        let stats = &self.stats;
+        // Counted as the writer's as each shard is taken (before the shard
+        // stops counting it), and handed back by the writer when done.
+        let parts = self
+            .shards
+            .take_all(|events, bytes| {
+                stats.in_writer.fetch_add(events, SeqCst);
+                stats.in_writer_bytes.fetch_add(bytes, SeqCst);
+            })
+            .await;
         let batch = Batch::from_parts(parts);
         if batch.is_empty() {
             return;
         }
-        let n = batch.len() as u64;
-        let bytes = batch.approx_bytes() as u64;
-        self.stats.in_writer.fetch_add(n, Relaxed);
-        self.stats.in_writer_bytes.fetch_add(bytes, Relaxed);
+        let (n, bytes) = (batch.len() as u64, batch.counted_bytes());
         if let Err(lost) = self.batches.send(batch).await {
             // Only possible if the writer task is gone, which ends the service.
             self.stats.in_writer.fetch_sub(n, Relaxed);

@@ -22,7 +22,10 @@
 
 use std::cell::{RefCell, UnsafeCell};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicBool, AtomicU64,
+    Ordering::{Relaxed, SeqCst},
+};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
@@ -143,6 +146,11 @@ impl ShardData {
         Self::default()
     }
 
+    /// The memory-cap estimate of this buffer's events (see `event_bytes`).
+    pub fn counted_bytes(&self) -> u64 {
+        self.counted_bytes
+    }
+
     /// Bytes this buffer holds for its rows and strings.
     pub fn used_bytes(&self) -> usize {
         self.rows.len() * std::mem::size_of::<RawEvent>() + self.arena.len()
@@ -237,16 +245,23 @@ pub struct Shard {
     /// Approximate bytes recorded / taken, for the memory cap.
     recorded_bytes: AtomicU64,
     taken_bytes: AtomicU64,
+    /// The owner refuses events once `recorded` reaches this. Set by admission
+    /// control only (its budget for this shard); the owner only reads it.
+    limit: AtomicU64,
+    /// Events this shard refused for lack of budget. Written by the owner only.
+    refused: AtomicU64,
 }
 
 impl Shard {
-    fn new() -> Self {
+    fn new(limit: u64) -> Self {
         Shard {
             cell: ArcSwap::from_pointee(ShardCell(UnsafeCell::new(ShardData::default()))),
             recorded: AtomicU64::new(0),
             taken: AtomicU64::new(0),
             recorded_bytes: AtomicU64::new(0),
             taken_bytes: AtomicU64::new(0),
+            limit: AtomicU64::new(limit),
+            refused: AtomicU64::new(0),
         }
     }
 
@@ -257,6 +272,10 @@ impl Shard {
         user_agent: Option<&str>,
         received_ms: i64,
     ) -> Result<usize, ShardFull> {
+        if self.recorded.load(Relaxed) >= self.limit.load(Relaxed) {
+            self.refused.store(self.refused.load(Relaxed) + 1, Relaxed);
+            return Err(ShardFull::Shedding);
+        }
         let guard = self.cell.load();
         // SAFETY: see `ShardCell`: we are the owning thread and not re-entrant.
         let data = unsafe { &mut *guard.0.get() };
@@ -273,7 +292,12 @@ impl Shard {
     }
 
     /// Swaps an empty buffer in and returns the old one once no recorder uses it.
-    async fn take(&self, rows_hint: usize, keys_hint: usize) -> ShardData {
+    async fn take(
+        &self,
+        rows_hint: usize,
+        keys_hint: usize,
+        on_take: &impl Fn(u64, u64),
+    ) -> ShardData {
         let fresh = Arc::new(ShardCell(UnsafeCell::new(ShardData::with_capacity(
             rows_hint, keys_hint,
         ))));
@@ -295,10 +319,13 @@ impl Shard {
                 }
             }
         };
-        self.taken
-            .store(self.taken.load(Relaxed) + data.rows.len() as u64, Relaxed);
+        // Count the events where they go before uncounting them here, so that
+        // admission (which reads shards first, then the writer) never misses them.
+        on_take(data.rows.len() as u64, data.counted_bytes);
         self.taken_bytes
-            .store(self.taken_bytes.load(Relaxed) + data.counted_bytes, Relaxed);
+            .store(self.taken_bytes.load(Relaxed) + data.counted_bytes, SeqCst);
+        self.taken
+            .store(self.taken.load(Relaxed) + data.rows.len() as u64, SeqCst);
         data
     }
 }
@@ -324,6 +351,13 @@ pub struct ShardSet {
     max_events: usize,
     full: Notify,
     shedding: AtomicBool,
+    /// Budget a shard created after the last admission check starts with.
+    new_shard_budget: AtomicU64,
+    /// Refusals summed over the shards at the last admission check.
+    refused_seen: AtomicU64,
+    /// When a check last saw new refusals (ms since `epoch`).
+    last_refusal_ms: AtomicU64,
+    epoch: std::time::Instant,
 }
 
 impl ShardSet {
@@ -335,6 +369,10 @@ impl ShardSet {
             max_events: max_events.max(1),
             full: Notify::new(),
             shedding: AtomicBool::new(false),
+            new_shard_budget: AtomicU64::new(u64::MAX),
+            refused_seen: AtomicU64::new(0),
+            last_refusal_ms: AtomicU64::new(0),
+            epoch: std::time::Instant::now(),
         }
     }
 
@@ -348,15 +386,12 @@ impl ShardSet {
         user_agent: Option<&str>,
         received_ms: i64,
     ) -> Result<(), ShardFull> {
-        if self.shedding.load(Relaxed) {
-            return Err(ShardFull::Shedding);
-        }
         let len = LOCAL.with(|local| {
             let mut local = local.borrow_mut();
             let shard = match local.iter().find(|(id, _)| *id == self.id) {
                 Some((_, s)) => s.clone(),
                 None => {
-                    let s = Arc::new(Shard::new());
+                    let s = Arc::new(Shard::new(self.new_shard_budget.load(Relaxed)));
                     self.shards
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
@@ -380,7 +415,9 @@ impl ShardSet {
     }
 
     /// Takes every shard's buffer, leaving empty ones sized like the last.
-    pub async fn take_all(&self) -> Vec<ShardData> {
+    /// `on_take(events, bytes)` runs for each buffer before the shard stops
+    /// counting it, so the receiver can count it first (see `budget`).
+    pub async fn take_all(&self, on_take: impl Fn(u64, u64)) -> Vec<ShardData> {
         let shards: Vec<Arc<Shard>> = self
             .shards
             .lock()
@@ -391,7 +428,7 @@ impl ShardSet {
             let recorded = shard.recorded.load(Relaxed);
             let pending = recorded.saturating_sub(shard.taken.load(Relaxed)) as usize;
             let hint = pending.clamp(64, self.max_events.saturating_add(1024));
-            let data = shard.take(hint, hint).await;
+            let data = shard.take(hint, hint, &on_take).await;
             if !data.rows.is_empty() {
                 out.push(data);
             }
@@ -399,11 +436,70 @@ impl ShardSet {
         out
     }
 
-    /// Turns load shedding on or off (see `admission`).
-    pub fn set_shedding(&self, on: bool) {
-        self.shedding.store(on, Relaxed);
+    /// Hands out the room left under the memory caps as per-shard budgets.
+    ///
+    /// `outside_events`/`outside_bytes` are held elsewhere (the writer). From
+    /// one snapshot of every shard's counters it computes what is held, the
+    /// room left (events, and bytes at the current average event size), and
+    /// gives each shard `recorded + room / shards` as its limit. A shard that
+    /// reaches its limit refuses events until the next call, so the total held
+    /// cannot pass the caps by more than the batches in transit between the
+    /// coordinator and the writer during the snapshot. Returns (events, bytes) held.
+    pub fn budget(
+        &self,
+        max_events: u64,
+        max_bytes: u64,
+        outside: impl Fn() -> (u64, u64),
+    ) -> (u64, u64) {
+        let shards: Vec<Arc<Shard>> = self
+            .shards
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let snap: Vec<(u64, u64)> = shards
+            .iter()
+            .map(|s| {
+                let recorded = s.recorded.load(Relaxed);
+                let bytes = s
+                    .recorded_bytes
+                    .load(Relaxed)
+                    .saturating_sub(s.taken_bytes.load(SeqCst));
+                (recorded, bytes)
+            })
+            .collect();
+        let pending: u64 = shards
+            .iter()
+            .zip(&snap)
+            .map(|(s, (recorded, _))| recorded.saturating_sub(s.taken.load(SeqCst)))
+            .sum();
+        // Downstream last: a buffer moving out of a shard is counted at least once.
+        let (outside_events, outside_bytes) = outside();
+        let events = pending + outside_events;
+        let bytes = snap.iter().map(|(_, b)| b).sum::<u64>() + outside_bytes;
+        let avg = bytes.checked_div(events).map_or(256, |a| a.max(64));
+        let room = max_events
+            .saturating_sub(events)
+            .min(max_bytes.saturating_sub(bytes) / avg);
+        let share = room / (shards.len() as u64 + 1);
+        for (s, (recorded, _)) in shards.iter().zip(&snap) {
+            s.limit.store(recorded.saturating_add(share), Relaxed);
+        }
+        self.new_shard_budget.store(share, Relaxed);
+        let refused: u64 = shards.iter().map(|s| s.refused.load(Relaxed)).sum();
+        let refused_since = refused - self.refused_seen.swap(refused, Relaxed).min(refused);
+        // "Shedding" while there is no room, or while shards refused events
+        // within the last second.
+        let now_ms = self.epoch.elapsed().as_millis() as u64 + 1000;
+        if refused_since > 0 {
+            self.last_refusal_ms.store(now_ms, Relaxed);
+        }
+        let recent = now_ms < self.last_refusal_ms.load(Relaxed) + 1000;
+        self.shedding.store(room == 0 || recent, Relaxed);
+        (events, bytes)
     }
 
+    /// True when the last admission check found no room under the caps, or
+    /// shards refused events within the last second.
     pub fn is_shedding(&self) -> bool {
         self.shedding.load(Relaxed)
     }
@@ -483,13 +579,13 @@ mod tests {
         // Take concurrently with the recorders, then once more after they finish.
         let mut taken = Vec::new();
         for _ in 0..20 {
-            taken.extend(set.take_all().await);
+            taken.extend(set.take_all(|_, _| {}).await);
             tokio::task::yield_now().await;
         }
         for h in handles {
             h.join().expect("recorder thread");
         }
-        taken.extend(set.take_all().await);
+        taken.extend(set.take_all(|_, _| {}).await);
         let rows: usize = taken.iter().map(|d| d.rows.len()).sum();
         assert_eq!(rows, 40_000);
         let mut total = Counts::default();
@@ -523,7 +619,7 @@ mod tests {
         tokio::time::timeout(std::time::Duration::from_secs(1), set.wait_full())
             .await
             .expect("size signal");
-        let data = set.take_all().await;
+        let data = set.take_all(|_, _| {}).await;
         assert_eq!(data.len(), 1);
         assert_eq!(data[0].rows.len(), 3);
         assert_eq!(data[0].user_agent(&data[0].rows[0]), None);

@@ -357,19 +357,19 @@ async fn overload_with_nowhere_to_put_events_sheds_exactly_and_stays_under_the_c
     let h = app.health().await.expect("health");
     let p = &h["pipeline"];
     assert!(
-        refused > 0 && accepted >= cap,
-        "accepted {accepted}, refused {refused}"
+        refused > 0 && accepted >= cap * 9 / 10,
+        "most of the room is used before shedding: accepted {accepted}, refused {refused}"
     );
     assert!(
-        accepted <= cap + 100,
-        "memory cap held to within one check: accepted {accepted}"
+        accepted <= cap,
+        "the memory cap holds exactly: accepted {accepted}"
     );
     assert_eq!(p["accepted"], accepted);
     assert_eq!(p["shed"], refused);
     assert_eq!(p["dropped"]["buffer_full"], gifs);
     assert_eq!(p["shedding"], true);
     let held = p["buffered_in_shards"].as_u64().unwrap() + p["in_writer"].as_u64().unwrap();
-    assert!(held <= cap + 100, "held in memory: {held}");
+    assert!(held <= cap, "held in memory: {held}");
     let report = app.shutdown_report().await;
     assert_eq!(report.accepted, accepted);
     assert_eq!(

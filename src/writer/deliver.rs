@@ -175,7 +175,7 @@ pub async fn run(
         let mut abort = abort.clone();
         tasks.spawn(async move {
             let _permit = permit;
-            let (n, bytes) = (batch.len() as u64, batch.approx_bytes() as u64);
+            let (n, bytes) = (batch.len() as u64, batch.counted_bytes());
             let outcome = d.deliver(batch, &mut abort).await;
             d.stats.in_writer.fetch_sub(n, Relaxed);
             d.stats.in_writer_bytes.fetch_sub(bytes, Relaxed);
