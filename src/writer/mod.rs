@@ -31,7 +31,7 @@ use crate::accounts::AccountCache;
 use crate::batch::Batch;
 use crate::db::{self, DbError};
 use crate::pgcopy::CopyEncoder;
-use crate::shard::HOUR_MS;
+use crate::shard::{RawEvent, ShardData, HOUR_MS};
 use crate::stats::Stats;
 
 const COPY_EVENTS: &str =
@@ -306,15 +306,7 @@ async fn copy_events(
             unknown += 1;
             continue;
         };
-        enc.row(8);
-        enc.text(row.kind.as_str());
-        enc.uuid(&row.ad_unit_id);
-        enc.uuid(&row.campaign_id);
-        enc.uuid(&row.creative_id);
-        enc.uuid(account);
-        enc.text(part.page_url(row));
-        enc.opt_text(part.user_agent(row));
-        enc.timestamp_ms(row.timestamp_ms);
+        encode_event(&mut enc, part, row, account);
         written += 1;
         if enc.len() >= COPY_CHUNK_BYTES {
             sink.send(enc.take()).await?;
@@ -323,6 +315,19 @@ async fn copy_events(
     sink.send(enc.finish()).await?;
     sink.finish().await?;
     Ok((written, unknown))
+}
+
+/// Encodes one `events` row (the column order of `COPY_EVENTS`).
+pub fn encode_event(enc: &mut CopyEncoder, part: &ShardData, row: &RawEvent, account: &Uuid) {
+    enc.row(8);
+    enc.text(row.kind.as_str());
+    enc.uuid(&row.ad_unit_id);
+    enc.uuid(&row.campaign_id);
+    enc.uuid(&row.creative_id);
+    enc.uuid(account);
+    enc.text(part.page_url(row));
+    enc.opt_text(part.user_agent(row));
+    enc.timestamp_ms(row.timestamp_ms);
 }
 
 async fn copy_rejected(
