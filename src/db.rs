@@ -38,6 +38,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "ingest_batches",
         sql: include_str!("../migrations/V3__ingest_batches.sql"),
     },
+    Migration {
+        version: 4,
+        name: "metrics_fillfactor",
+        sql: include_str!("../migrations/V4__metrics_fillfactor.sql"),
+    },
 ];
 
 /// Advisory lock key for migrations ("ingest" in ASCII).

@@ -182,14 +182,13 @@ pub fn parse_event<'a>(
             Some(i) => (&pair[..i], &pair[i + 1..]),
             None => (pair, &pair[pair.len()..]),
         };
-        let param = if needs_decoding(key) {
-            let mut buf = [0u8; 16];
-            match decode_small(key, &mut buf) {
-                Some(k) => Param::from_key(k),
-                None => None,
+        let param = match Param::from_key(key) {
+            Some(p) => Some(p),
+            None if needs_decoding(key) => {
+                let mut buf = [0u8; 16];
+                decode_small(key, &mut buf).and_then(Param::from_key)
             }
-        } else {
-            Param::from_key(key)
+            None => None,
         };
         let Some(param) = param else { continue };
         let slot_taken = match param {
@@ -263,32 +262,28 @@ fn hex(b: u8) -> Option<u8> {
     }
 }
 
-/// Percent-decodes `input` into `out` (appending). Returns false on a
-/// malformed escape.
+/// Percent-decodes `input` into `out` (appending), copying unescaped runs in
+/// bulk. Returns false on a malformed escape.
 fn percent_decode_into(input: &[u8], out: &mut Vec<u8>) -> bool {
-    let mut i = 0;
-    while i < input.len() {
-        match input[i] {
-            b'%' => {
-                let (Some(&h), Some(&l)) = (input.get(i + 1), input.get(i + 2)) else {
-                    return false;
-                };
-                let (Some(h), Some(l)) = (hex(h), hex(l)) else {
-                    return false;
-                };
-                out.push(h << 4 | l);
-                i += 3;
-            }
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            b => {
-                out.push(b);
-                i += 1;
-            }
+    out.reserve(input.len());
+    let mut rest = input;
+    while let Some(i) = rest.iter().position(|&b| b == b'%' || b == b'+') {
+        out.extend_from_slice(&rest[..i]);
+        if rest[i] == b'+' {
+            out.push(b' ');
+            rest = &rest[i + 1..];
+            continue;
         }
+        let (Some(h), Some(l)) = (
+            rest.get(i + 1).and_then(|&b| hex(b)),
+            rest.get(i + 2).and_then(|&b| hex(b)),
+        ) else {
+            return false;
+        };
+        out.push(h << 4 | l);
+        rest = &rest[i + 3..];
     }
+    out.extend_from_slice(rest);
     true
 }
 
@@ -321,14 +316,17 @@ fn decode_small<'b>(input: &[u8], buf: &'b mut [u8]) -> Option<&'b [u8]> {
 
 fn decode_page_url<'a>(raw: &'a [u8], scratch: &'a mut Vec<u8>) -> Result<&'a str, ParamError> {
     let e = |p| err(Param::PageUrl, p);
-    let bytes: &'a [u8] = if needs_decoding(raw) {
-        scratch.clear();
-        if !percent_decode_into(raw, scratch) {
-            return Err(e(Problem::BadPercentEncoding));
+    // One scan finds the first escape; the run before it is copied as is.
+    let bytes: &'a [u8] = match raw.iter().position(|&b| b == b'%' || b == b'+') {
+        None => raw,
+        Some(first) => {
+            scratch.clear();
+            scratch.extend_from_slice(&raw[..first]);
+            if !percent_decode_into(&raw[first..], scratch) {
+                return Err(e(Problem::BadPercentEncoding));
+            }
+            scratch.as_slice()
         }
-        scratch.as_slice()
-    } else {
-        raw
     };
     if bytes.is_empty() {
         return Err(e(Problem::Empty));

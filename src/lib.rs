@@ -25,9 +25,12 @@
 //! | [`event`] | query parsing and validation → [`event::Event`] or a [`event::ParamError`] |
 //! | [`shard`] | per-thread shards and the lock-free swap the coordinator uses |
 //! | [`batch`] | [`batch::Batch`], merged shard contents |
+//! | [`write_side`] | the write side's own thread and runtime (coordinator, writer, replay, probes) |
 //! | [`coordinator`] | the flush loop: interval, size trigger, final drain |
 //! | [`accounts`] | campaign → account cache behind arc-swap, batched miss lookups |
-//! | [`writer`] | [`writer::PgWriter`]: binary COPY + upsert per batch, retries, dead letters |
+//! | [`writer`] | [`writer::PgWriter`]: binary COPY + upsert per batch, spool fallback, replay |
+//! | [`spool`] | the on-disk spool for batches the database would not take |
+//! | [`admission`] | memory caps: per-shard budgets, load shedding |
 //! | [`pgcopy`] | binary COPY encoding |
 //! | [`db`] | the connection pool and the embedded migrations |
 //! | [`stats`] | counters and latency histograms behind `/health` |
@@ -51,6 +54,7 @@ pub mod shard;
 pub mod spool;
 pub mod stats;
 pub mod telemetry;
+pub mod write_side;
 pub mod writer;
 
 use std::future::Future;
@@ -59,23 +63,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch};
 
 use crate::accounts::AccountCache;
-use crate::admission::Admission;
 use crate::config::Config;
-use crate::coordinator::Coordinator;
 use crate::event::Limits;
 use crate::http::AppState;
 use crate::shard::ShardSet;
 use crate::spool::Spool;
-use crate::stats::RateLimitedLog;
-use crate::stats::Stats;
-use crate::writer::deliver::Delivery;
+use crate::stats::{RateLimitedLog, Stats};
+use crate::write_side::{WriteSide, WriteSideHandle};
+use crate::writer::deliver::DeliveryReport;
 use crate::writer::PgWriter;
-
-/// How often the background probe checks the database for `/health`.
-const DB_PROBE_INTERVAL: Duration = Duration::from_secs(2);
 
 /// What shutdown achieved; logged by the binary and returned to tests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,6 +97,8 @@ pub enum ServeError {
     Db(#[from] db::DbError),
     #[error("cannot open the spool in {dir}: {source} (set SPOOL_DIR to a writable directory)")]
     Spool { dir: String, source: std::io::Error },
+    #[error("cannot start the writer thread: {0}")]
+    WriteSide(std::io::Error),
 }
 
 /// Runs the service on `listener` until `shutdown` resolves, then drains:
@@ -127,47 +127,16 @@ pub async fn serve(
     let stats = Arc::new(Stats::new());
     let accounts = Arc::new(AccountCache::new());
     let shards = Arc::new(ShardSet::new(config.flush_max_events));
-    let writer = Arc::new(PgWriter::new(pool.clone(), accounts.clone(), stats.clone()));
-
-    let mut background = spawn_background(&config, writer.clone(), stats.clone());
-    let admission = Admission {
+    let writer = Arc::new(PgWriter::new(pool, accounts.clone(), stats.clone()));
+    let write_side = WriteSide {
+        config: config.clone(),
         shards: shards.clone(),
         stats: stats.clone(),
-        max_events: config.max_buffered_events,
-        max_bytes: config.max_buffered_bytes,
-    };
-    background.0.push(tokio::spawn(admission.run()));
-    let (stop_replay, replay_stop_rx) = watch::channel(false);
-    let replay_task = tokio::spawn(writer::replay::run(
-        writer.clone(),
-        spool.clone(),
-        stats.clone(),
-        config.write_timeout,
-        replay_stop_rx,
-    ));
-
-    let (batch_tx, batch_rx) = mpsc::channel(config.writer_concurrency * 2);
-    let (abort_tx, abort_rx) = watch::channel(false);
-    let delivery = Arc::new(Delivery::new(
-        writer.clone(),
-        spool.clone(),
-        stats.clone(),
-        config.write_timeout,
-    ));
-    let delivery_task = tokio::spawn(writer::deliver::run(
-        delivery,
-        batch_rx,
-        config.writer_concurrency,
-        abort_rx,
-    ));
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let coordinator = Coordinator::new(
-        shards.clone(),
-        stats.clone(),
-        batch_tx,
-        config.flush_interval,
-    );
-    let coordinator_task = tokio::spawn(coordinator.run(stop_rx));
+        spool: spool.clone(),
+        writer,
+    }
+    .start()
+    .map_err(ServeError::WriteSide)?;
 
     let state = Arc::new(AppState {
         shards: shards.clone(),
@@ -214,28 +183,30 @@ pub async fn serve(
         "shutting down: flushing buffered events"
     );
 
-    // Phase 2: stop replaying (the spool keeps what is left), final flush,
-    // then wait for the writer until the deadline; at the deadline every
-    // batch still in memory goes to the spool.
-    let _ = stop_replay.send(true);
-    let _ = stop_tx.send(true);
-    let mut delivery_task = delivery_task;
+    // Phase 2: final flush (replay stops; the spool keeps what is left), then
+    // wait for the writer until the deadline; at the deadline every batch
+    // still in memory goes to the spool.
+    let WriteSideHandle {
+        stop,
+        abort,
+        mut done,
+    } = write_side;
+    let _ = stop.send(true);
     let report = tokio::select! {
-        r = &mut delivery_task => r.ok(),
+        r = &mut done => r.ok(),
         _ = tokio::time::sleep_until(deadline) => None,
     };
     let report = match report {
         Some(r) => r,
         None => {
             tracing::warn!("shutdown deadline reached: spooling what is left");
-            let _ = abort_tx.send(true);
-            delivery_task.await.unwrap_or_default()
+            let _ = abort.send(true);
+            done.await.unwrap_or_else(|_| {
+                tracing::error!("the write side stopped without a report");
+                DeliveryReport::default()
+            })
         }
     };
-    let _ = coordinator_task.await;
-    let _ = replay_task.await;
-    background.abort();
-    pool.close();
 
     let accepted = shards.recorded();
     let drain = DrainReport {
@@ -262,82 +233,4 @@ fn stored(stats: &Stats) -> u64 {
     stats.written.load(Relaxed)
         + stats.rejected_unknown_campaign.load(Relaxed)
         + stats.dead_lettered.load(Relaxed)
-}
-
-/// Aborts the background loops when dropped or when `abort` is called.
-struct Background(Vec<tokio::task::JoinHandle<()>>);
-
-impl Background {
-    fn abort(&self) {
-        for t in &self.0 {
-            t.abort();
-        }
-    }
-}
-
-impl Drop for Background {
-    fn drop(&mut self) {
-        self.abort();
-    }
-}
-
-/// Schema bootstrap, database probe, idle-connection reaper, cache refresh.
-fn spawn_background(config: &Config, writer: Arc<PgWriter>, stats: Arc<Stats>) -> Background {
-    let mut tasks = Vec::new();
-
-    let w = writer.clone();
-    tasks.push(tokio::spawn(async move {
-        let mut delay = Duration::from_millis(200);
-        loop {
-            match w.ensure_ready().await {
-                Ok(()) => return,
-                Err(e) => {
-                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "database not ready");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(5));
-                }
-            }
-        }
-    }));
-
-    let w = writer.clone();
-    let idle = config.pool_idle_timeout;
-    tasks.push(tokio::spawn(async move {
-        loop {
-            let up = match w.pool().get().await {
-                Ok(client) => client.simple_query("SELECT 1").await.is_ok(),
-                Err(_) => false,
-            };
-            if stats.db_up.swap(up, Relaxed) != up {
-                if up {
-                    tracing::info!("database reachable");
-                } else {
-                    tracing::warn!("database unreachable; events are buffered");
-                }
-            }
-            db::reap_idle(w.pool(), idle);
-            tokio::time::sleep(DB_PROBE_INTERVAL).await;
-        }
-    }));
-
-    let w = writer;
-    let every = config.accounts_refresh;
-    tasks.push(tokio::spawn(async move {
-        loop {
-            tokio::time::sleep(every).await;
-            if w.ensure_ready().await.is_err() {
-                continue;
-            }
-            match w.pool().get().await {
-                Ok(client) => {
-                    if let Err(e) = w.accounts().reload(&**client).await {
-                        tracing::warn!(error = %e, "campaign cache refresh failed");
-                    }
-                }
-                Err(e) => tracing::warn!(error = %e, "campaign cache refresh: no connection"),
-            }
-        }
-    }));
-
-    Background(tasks)
 }

@@ -388,19 +388,18 @@ impl ShardSet {
     ) -> Result<(), ShardFull> {
         let len = LOCAL.with(|local| {
             let mut local = local.borrow_mut();
-            let shard = match local.iter().find(|(id, _)| *id == self.id) {
-                Some((_, s)) => s.clone(),
-                None => {
-                    let s = Arc::new(Shard::new(self.new_shard_budget.load(Relaxed)));
-                    self.shards
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .push(s.clone());
-                    local.retain(|(_, s)| Arc::strong_count(s) > 1); // drop shards of stopped sets
-                    local.push((self.id, s.clone()));
-                    s
-                }
-            };
+            // Common case: this thread's shard is found and used by reference
+            // (no reference-count traffic on the hot path).
+            if let Some((_, shard)) = local.iter().find(|(id, _)| *id == self.id) {
+                return shard.record(ev, user_agent, received_ms);
+            }
+            let shard = Arc::new(Shard::new(self.new_shard_budget.load(Relaxed)));
+            self.shards
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(shard.clone());
+            local.retain(|(_, s)| Arc::strong_count(s) > 1); // drop shards of stopped sets
+            local.push((self.id, shard.clone()));
             shard.record(ev, user_agent, received_ms)
         })?;
         if len == self.max_events {

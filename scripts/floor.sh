@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# scripts/floor.sh [ROUNDS] — the service against a do-nothing HTTP floor, in one run.
+#
+# Alternating rounds (floor, service, floor, service, ...; default 3 each) with the same
+#   taskset -c 1 wrk -t1 -c$CONNS -d$DURATION --latency -s ../shared/bench/wrk/event.lua
+# The floor is nginx answering 204 (../shared/bench/nginx204.sh); the service runs with a
+# throw-away PostgreSQL holding the fixture campaigns. The floor, the service and PostgreSQL
+# are all pinned to core 0, wrk to core 1 (../shared/bench/README.md).
+# Per round it prints req/s, client p50/p99, server CPU per request (floor: nginx; service:
+# the service process, and the service plus PostgreSQL per committed event, measured until
+# every event is committed), rows/s landed in PostgreSQL, whether every 2xx landed, the
+# server-side p99 from /health and the service's RSS; then medians and the service/floor ratios.
+# env: CONNS=64 DURATION=10s SERVICE_ENV="..." PG_NICE=0 (nice value for PostgreSQL, see README)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROUNDS=${1:-3}
+CONNS=${CONNS:-64}; DURATION=${DURATION:-10s}
+FPORT=${FLOOR_PORT:-18090}; SPORT=${SERVICE_PORT:-18091}; PGPORT=${BENCH_PGPORT:-55497}
+SHARED=${SHARED:-$(cd .. && pwd)/shared}; BENCH="$SHARED/bench"
+command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
+. scripts/lib.sh
+pg_ensure_installed
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/ingest-floor.XXXXXX"); chmod 755 "$WORK"
+SVC_PID=""
+cleanup() {
+  [ -n "$SVC_PID" ] && kill -9 "$SVC_PID" 2>/dev/null || true
+  NGINX204_STATE="$WORK" "$BENCH/nginx204-stop.sh" "$FPORT" >/dev/null 2>&1 || true
+  "$BENCH/pg-down.sh" "$WORK/pg" --purge >/dev/null 2>&1 || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+cargo build --release --quiet
+eval "$(PIN_CPU=0 "$BENCH/pg-up.sh" "$WORK/pg" "$PGPORT" 2>/dev/null | grep ^export)"
+PSQL() { "$PGBIN/psql" -X -q -v ON_ERROR_STOP=1 "$DATABASE_URL" "$@"; }
+./target/release/ingest migrate 2>/dev/null
+PSQL -f "$BENCH/fixtures/fixtures.sql" >/dev/null
+NGINX_PID=$(NGINX204_STATE="$WORK" PIN_CPU=0 "$BENCH/nginx204.sh" "$FPORT" 2>/dev/null)
+PG_PID=$(head -1 "$WORK/pg/data/postmaster.pid")
+if [ "${PG_NICE:-0}" != 0 ]; then renice -n "$PG_NICE" -p "$PG_PID" >/dev/null; fi
+TICK=$(getconf CLK_TCK)
+
+# CPU ticks of a process, its live children, and its reaped children.
+tree_ticks() {
+  local p=$1 total
+  total=$(awk '{print $14+$15+$16+$17}' "/proc/$p/stat")
+  for c in $(pgrep -P "$p"); do total=$((total + $(awk '{print $14+$15}' "/proc/$c/stat" 2>/dev/null || echo 0))); done
+  echo "$total"
+}
+ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
+field() { python3 -c "import json,sys; d=json.load(sys.stdin); print(eval('d' + sys.argv[1]))" "$1"; }
+res() { echo "$1" | sed -E "s/.* $2=([0-9]+).*/\1/"; }
+run_wrk() { taskset -c 1 wrk -t1 -c"$CONNS" -d"$DURATION" --latency -s "$BENCH/wrk/event.lua" "http://127.0.0.1:$1" 2>&1 | grep ^RESULT; }
+DUR_S=$(echo "$DURATION" | sed 's/s$//')
+
+F_RPS=(); F_CPU=(); S_RPS=(); S_CPU=(); SP_CPU=(); S_P99=(); F_P99=(); ROWS_S=()
+for r in $(seq 1 "$ROUNDS"); do
+  # floor
+  C0=$(tree_ticks "$NGINX_PID"); R=$(run_wrk "$FPORT"); C1=$(tree_ticks "$NGINX_PID")
+  N=$(res "$R" requests)
+  FCPU=$(echo "scale=2; ($C1 - $C0) * 1000000 / $TICK / $N" | bc)
+  F_RPS+=("$(res "$R" rps)"); F_CPU+=("$FCPU"); F_P99+=("$(res "$R" p99_us)")
+  echo "round $r floor:   $R cpu_us_per_req=$FCPU"
+
+  # service
+  PSQL -c "TRUNCATE events, metrics_hourly, rejected_events, ingest_batches" >/dev/null
+  env PORT=$SPORT HOST=127.0.0.1 WORKER_THREADS=1 LOG_LEVEL=warn SPOOL_DIR="$WORK/spool" ${SERVICE_ENV:-} \
+    taskset -c 0 ./target/release/ingest 2>>"$WORK/service.log" &
+  SVC_PID=$!
+  for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$SPORT/health" >/dev/null && break; sleep 0.1; done
+  S0=$(ticks "$SVC_PID"); P0=$(tree_ticks "$PG_PID")
+  R=$(run_wrk "$SPORT")
+  RSS=$(awk '/VmRSS/{print $2}' "/proc/$SVC_PID/status")
+  for _ in $(seq 1 300); do [ "$(curl -s "http://127.0.0.1:$SPORT/health" | field '["pipeline"]["buffered"]')" = 0 ] && break; sleep 0.1; done
+  S1=$(ticks "$SVC_PID"); P1=$(tree_ticks "$PG_PID")
+  H=$(curl -s "http://127.0.0.1:$SPORT/health")
+  kill -TERM "$SVC_PID"; wait "$SVC_PID" || true; SVC_PID=""
+  ROWS=$(PSQL -Atc "SELECT count(*) FROM events")
+  N=$(res "$R" requests); BAD=$(res "$R" non2xx)
+  SCPU=$(echo "scale=2; ($S1 - $S0) * 1000000 / $TICK / $ROWS" | bc)
+  SPCPU=$(echo "scale=2; ($S1 - $S0 + $P1 - $P0) * 1000000 / $TICK / $ROWS" | bc)
+  RS=$(echo "$ROWS / $DUR_S" | bc)
+  SP99=$(echo "$H" | field '["latency_us"]["POST /event/impression"]["p99_us"]')
+  S_RPS+=("$(res "$R" rps)"); S_CPU+=("$SCPU"); SP_CPU+=("$SPCPU"); S_P99+=("$(res "$R" p99_us)"); ROWS_S+=("$RS")
+  echo "round $r service: $R cpu_us_per_event=$SCPU with_pg_cpu_us_per_event=$SPCPU rows=$ROWS rows_per_s=$RS 2xx=$((N - BAD)) server_p99_us=$SP99 rss_kib=$RSS flush_age_ms=$(echo "$H" | field '["pipeline"]["last_flush_age_ms"]')"
+done
+
+median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
+FR=$(median "${F_RPS[@]}"); SR=$(median "${S_RPS[@]}"); FC=$(median "${F_CPU[@]}"); SC=$(median "${S_CPU[@]}"); SPC=$(median "${SP_CPU[@]}")
+echo "median floor:   rps=$FR p99_us=$(median "${F_P99[@]}") cpu_us_per_req=$FC"
+echo "median service: rps=$SR p99_us=$(median "${S_P99[@]}") cpu_us_per_event=$SC with_pg=$SPC rows_per_s=$(median "${ROWS_S[@]}")"
+echo "ratios service/floor: rps=$(echo "scale=3; $SR / $FR" | bc) cpu=$(echo "scale=3; $SC / $FC" | bc) cpu_with_pg=$(echo "scale=3; $SPC / $FC" | bc)"

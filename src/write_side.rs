@@ -1,0 +1,205 @@
+//! The write side's own thread: coordinator, writer, spool replay and the
+//! database housekeeping run on a dedicated OS thread with its own tokio
+//! runtime, never on the request workers.
+//!
+//! Merging a batch, encoding it for COPY and sorting its aggregate keys take
+//! milliseconds of CPU per flush. On a shared runtime that work would hold a
+//! request worker for that long (tokio tasks yield only at `.await`), showing
+//! up as client latency spikes at every flush. On its own thread the kernel
+//! interleaves it with request handling at fine grain, and on a machine with
+//! a spare core it simply runs there. The two sides meet only through the
+//! shards (swap), the batch channel, atomics in `Stats`, and watch channels.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::admission::Admission;
+use crate::config::Config;
+use crate::coordinator::Coordinator;
+use crate::db;
+use crate::shard::ShardSet;
+use crate::spool::Spool;
+use crate::stats::Stats;
+use crate::writer::deliver::{self, Delivery, DeliveryReport};
+use crate::writer::{replay, PgWriter};
+
+/// How often the background probe checks the database for `/health`.
+const DB_PROBE_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Handles to steer the write side from the request side.
+pub struct WriteSideHandle {
+    /// Tells the coordinator to do its final flush and stop (closing the batch channel).
+    pub stop: watch::Sender<bool>,
+    /// Shutdown deadline: every batch still in memory goes to the spool.
+    pub abort: watch::Sender<bool>,
+    /// The delivery report once the write side has finished.
+    pub done: oneshot::Receiver<DeliveryReport>,
+}
+
+/// Everything the write side owns.
+pub struct WriteSide {
+    pub config: Config,
+    pub shards: Arc<ShardSet>,
+    pub stats: Arc<Stats>,
+    pub spool: Arc<Spool>,
+    pub writer: Arc<PgWriter>,
+}
+
+impl WriteSide {
+    /// Starts the write side on its own thread.
+    pub fn start(self) -> std::io::Result<WriteSideHandle> {
+        let (stop, stop_rx) = watch::channel(false);
+        let (abort, abort_rx) = watch::channel(false);
+        let (done_tx, done) = oneshot::channel();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        std::thread::Builder::new()
+            .name("ingest-writer".into())
+            .spawn(move || {
+                let report = runtime.block_on(self.run(stop_rx, abort_rx));
+                let _ = done_tx.send(report);
+            })?;
+        Ok(WriteSideHandle { stop, abort, done })
+    }
+
+    async fn run(
+        self,
+        stop: watch::Receiver<bool>,
+        abort: watch::Receiver<bool>,
+    ) -> DeliveryReport {
+        let c = &self.config;
+        let background = spawn_background(c, self.writer.clone(), self.stats.clone());
+        let admission = Admission {
+            shards: self.shards.clone(),
+            stats: self.stats.clone(),
+            max_events: c.max_buffered_events,
+            max_bytes: c.max_buffered_bytes,
+        };
+        let admission_task = tokio::spawn(admission.run());
+        let (stop_replay, replay_stop) = watch::channel(false);
+        let replay_task = tokio::spawn(replay::run(
+            self.writer.clone(),
+            self.spool.clone(),
+            self.stats.clone(),
+            c.write_timeout,
+            replay_stop,
+        ));
+        let (batch_tx, batch_rx) = mpsc::channel(c.writer_concurrency * 2);
+        let delivery = Arc::new(Delivery::new(
+            self.writer.clone(),
+            self.spool.clone(),
+            self.stats.clone(),
+            c.write_timeout,
+        ));
+        let delivery_task = tokio::spawn(deliver::run(
+            delivery,
+            batch_rx,
+            c.writer_concurrency,
+            abort,
+        ));
+        let coordinator = Coordinator::new(
+            self.shards.clone(),
+            self.stats.clone(),
+            batch_tx,
+            c.flush_interval,
+        );
+        let mut coordinator_stop = stop.clone();
+        let coordinator_task = tokio::spawn(coordinator.run(stop));
+
+        // Replay stops as soon as shutdown begins (the spool keeps what is left).
+        let _ = coordinator_stop.wait_for(|s| *s).await;
+        let _ = stop_replay.send(true);
+        let report = delivery_task.await.unwrap_or_else(|e| {
+            tracing::error!(error = %e, "delivery task failed");
+            DeliveryReport::default()
+        });
+        let _ = coordinator_task.await;
+        let _ = replay_task.await;
+        admission_task.abort();
+        background.abort();
+        self.writer.pool().close();
+        report
+    }
+}
+
+/// Aborts the background loops when dropped or when `abort` is called.
+struct Background(Vec<tokio::task::JoinHandle<()>>);
+
+impl Background {
+    fn abort(&self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        self.abort();
+    }
+}
+
+/// Schema bootstrap, database probe, idle-connection reaper, cache refresh.
+fn spawn_background(config: &Config, writer: Arc<PgWriter>, stats: Arc<Stats>) -> Background {
+    let mut tasks = Vec::new();
+
+    let w = writer.clone();
+    tasks.push(tokio::spawn(async move {
+        let mut delay = Duration::from_millis(200);
+        loop {
+            match w.ensure_ready().await {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "database not ready");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }));
+
+    let w = writer.clone();
+    let idle = config.pool_idle_timeout;
+    tasks.push(tokio::spawn(async move {
+        loop {
+            let up = match w.pool().get().await {
+                Ok(client) => client.simple_query("SELECT 1").await.is_ok(),
+                Err(_) => false,
+            };
+            if stats.db_up.swap(up, Relaxed) != up {
+                if up {
+                    tracing::info!("database reachable");
+                } else {
+                    tracing::warn!("database unreachable; events are buffered");
+                }
+            }
+            db::reap_idle(w.pool(), idle);
+            tokio::time::sleep(DB_PROBE_INTERVAL).await;
+        }
+    }));
+
+    let w = writer;
+    let every = config.accounts_refresh;
+    tasks.push(tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(every).await;
+            if w.ensure_ready().await.is_err() {
+                continue;
+            }
+            match w.pool().get().await {
+                Ok(client) => {
+                    if let Err(e) = w.accounts().reload(&**client).await {
+                        tracing::warn!(error = %e, "campaign cache refresh failed");
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "campaign cache refresh: no connection"),
+            }
+        }
+    }));
+
+    Background(tasks)
+}
