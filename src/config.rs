@@ -74,6 +74,9 @@ pub struct Config {
     pub max_connections: usize,
     /// A client must send a complete request head within this (slow-loris guard).
     pub header_read_timeout: Duration,
+    /// After the shutdown signal, keep serving this long with `/readyz` at 503
+    /// so load balancers stop sending traffic before the listener closes.
+    pub shutdown_grace: Duration,
 }
 
 /// Default size trigger per shard; see README "Flush policy" for the measurement.
@@ -106,6 +109,7 @@ impl Config {
             write_timeout: Duration::from_secs(10),
             max_connections: 10_000,
             header_read_timeout: Duration::from_secs(10),
+            shutdown_grace: Duration::ZERO,
         }
     }
 
@@ -270,6 +274,8 @@ impl Config {
             "a connection count, 1-1000000",
         )?
         .map_or(c.max_connections, |v| v as usize);
+        c.shutdown_grace = ms("SHUTDOWN_GRACE_MS", 0, 600_000, "milliseconds, 0-600000")?
+            .unwrap_or(c.shutdown_grace);
         c.header_read_timeout = ms(
             "HEADER_READ_TIMEOUT_MS",
             100,

@@ -16,6 +16,9 @@ use crate::batch::Batch;
 use crate::shard::ShardSet;
 use crate::stats::Stats;
 
+/// Heartbeat period (see `/livez`).
+const BEAT: Duration = Duration::from_secs(1);
+
 pub struct Coordinator {
     shards: Arc<ShardSet>,
     stats: Arc<Stats>,
@@ -39,16 +42,27 @@ impl Coordinator {
     }
 
     /// Runs until `stop` turns true, then flushes what is left and returns.
+    /// Beats every second (see `/livez`).
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
+        let mut next = tokio::time::Instant::now() + self.interval;
         loop {
+            self.beat();
             tokio::select! {
-                _ = tokio::time::sleep(self.interval) => {}
+                _ = tokio::time::sleep_until(next) => {}
                 _ = self.shards.wait_full() => {}
+                _ = tokio::time::sleep(BEAT) => continue,
                 _ = stop.wait_for(|s| *s) => break,
             }
             self.flush().await;
+            next = tokio::time::Instant::now() + self.interval;
         }
         self.flush().await;
+    }
+
+    fn beat(&self) {
+        self.stats
+            .coordinator_beat_ms
+            .store(self.stats.now_ms(), Relaxed);
     }
 
     /// Swaps all shards out and queues their contents as one batch.
@@ -68,7 +82,16 @@ impl Coordinator {
             return;
         }
         let (n, bytes) = (batch.len() as u64, batch.counted_bytes());
-        if let Err(lost) = self.batches.send(batch).await {
+        // Waiting for the writer (back-pressure) is alive, not stuck: keep beating.
+        let send = self.batches.send(batch);
+        tokio::pin!(send);
+        let sent = loop {
+            tokio::select! {
+                r = &mut send => break r,
+                _ = tokio::time::sleep(BEAT) => self.beat(),
+            }
+        };
+        if let Err(lost) = sent {
             // Only possible if the writer task is gone, which ends the service.
             self.stats.in_writer.fetch_sub(n, Relaxed);
             self.stats.in_writer_bytes.fetch_sub(bytes, Relaxed);

@@ -127,7 +127,7 @@ pub async fn serve(
     let stats = Arc::new(Stats::new());
     let accounts = Arc::new(AccountCache::new());
     let shards = Arc::new(ShardSet::new(config.flush_max_events));
-    let writer = Arc::new(PgWriter::new(pool, accounts.clone(), stats.clone()));
+    let writer = Arc::new(PgWriter::new(pool.clone(), accounts.clone(), stats.clone()));
     let write_side = WriteSide {
         config: config.clone(),
         shards: shards.clone(),
@@ -150,15 +150,24 @@ pub async fn serve(
         },
         shutting_down: AtomicBool::new(false),
         dropped_log: RateLimitedLog::new(Duration::from_secs(1)),
+        pool,
     });
 
     // Phase 1: serve until told to stop; the deadline starts at the signal.
     let (signal_tx, signal_rx) = tokio::sync::oneshot::channel::<Instant>();
     let flag = state.clone();
+    let grace = config.shutdown_grace;
     let stop_serving = async move {
         shutdown.await;
         flag.shutting_down.store(true, Relaxed);
         let _ = signal_tx.send(Instant::now());
+        if !grace.is_zero() {
+            tracing::info!(
+                grace_ms = grace.as_millis() as u64,
+                "shutdown: /readyz now 503; serving through the grace period"
+            );
+            tokio::time::sleep(grace).await;
+        }
     };
     let limits = server::Limits {
         max_connections: config.max_connections,

@@ -1,12 +1,16 @@
-//! Counters and latency histograms, read by `/health`.
+//! Counters and histograms, read by `/health` and `/metrics`.
 //!
-//! Latency is recorded per route into a per-thread set of HDR histograms:
-//! each thread locks only its own set (uncontended), and `/health` merges
-//! them when asked. Pipeline counters are atomics bumped once per flush or
-//! per rejected request, never once per accepted event (the shards count
-//! those). Nothing here touches the database.
+//! Request statistics (latency per route since start and over the last
+//! minute, response counts per route and status, rejections per reason) are
+//! kept per thread: each thread locks only its own set (uncontended), and
+//! readers merge the sets when asked. Pipeline counters are atomics bumped
+//! once per flush or per refused request, never once per accepted event (the
+//! shards count those). Write-side histograms (flush duration, batch size,
+//! event freshness) live behind one mutex the write side alone updates.
+//! Nothing here touches the database.
 
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -14,32 +18,64 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
-/// The routes whose latency is tracked.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// The routes whose requests are counted and timed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Route {
     PostImpression,
     PostClick,
     GetImpression,
     GetClick,
+    HeadEvent,
+    OptionsEvent,
     Health,
+    Metrics,
+    Probe,
+    Other,
 }
 
 impl Route {
-    pub const ALL: [Route; 5] = [
+    pub const ALL: [Route; 10] = [
         Route::PostImpression,
         Route::PostClick,
         Route::GetImpression,
         Route::GetClick,
+        Route::HeadEvent,
+        Route::OptionsEvent,
         Route::Health,
+        Route::Metrics,
+        Route::Probe,
+        Route::Other,
     ];
 
+    /// The key in `/health`'s `latency_us`.
     pub fn label(self) -> &'static str {
         match self {
             Route::PostImpression => "POST /event/impression",
             Route::PostClick => "POST /event/click",
             Route::GetImpression => "GET /event/impression",
             Route::GetClick => "GET /event/click",
+            Route::HeadEvent => "HEAD /event/*",
+            Route::OptionsEvent => "OPTIONS /event/*",
             Route::Health => "GET /health",
+            Route::Metrics => "GET /metrics",
+            Route::Probe => "GET /livez|/readyz",
+            Route::Other => "other",
+        }
+    }
+
+    /// The `route` label in `/metrics`.
+    pub fn metric_label(self) -> &'static str {
+        match self {
+            Route::PostImpression => "post_impression",
+            Route::PostClick => "post_click",
+            Route::GetImpression => "get_impression",
+            Route::GetClick => "get_click",
+            Route::HeadEvent => "head_event",
+            Route::OptionsEvent => "options_event",
+            Route::Health => "health",
+            Route::Metrics => "metrics",
+            Route::Probe => "probe",
+            Route::Other => "other",
         }
     }
 }
@@ -47,25 +83,86 @@ impl Route {
 const N_ROUTES: usize = Route::ALL.len();
 type RouteHistograms = [Histogram<u64>; N_ROUTES];
 
+/// 1 ns .. 60 s at 3 significant digits.
+pub fn new_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("constant histogram bounds are valid")
+}
+
 fn new_histograms() -> RouteHistograms {
-    // 1 ns .. 60 s at 3 significant digits; constant, valid bounds.
-    std::array::from_fn(|_| {
-        Histogram::new_with_bounds(1, 60_000_000_000, 3)
-            .expect("constant histogram bounds are valid")
-    })
+    std::array::from_fn(|_| new_histogram())
+}
+
+/// The recent-latency window: two 30 s slots, so "the last minute" is the
+/// current slot plus the one before.
+const WINDOW_SLOT: Duration = Duration::from_secs(30);
+
+/// One thread's request statistics.
+struct ThreadStats {
+    since_start: RouteHistograms,
+    /// Slot number (`epoch / WINDOW_SLOT`) of `current`.
+    slot: u64,
+    current: RouteHistograms,
+    previous: RouteHistograms,
+    responses: HashMap<(Route, u16), u64>,
+    rejected: HashMap<&'static str, u64>,
+}
+
+impl ThreadStats {
+    fn new(slot: u64) -> Self {
+        ThreadStats {
+            since_start: new_histograms(),
+            slot,
+            current: new_histograms(),
+            previous: new_histograms(),
+            responses: HashMap::new(),
+            rejected: HashMap::new(),
+        }
+    }
+
+    /// Moves the window forward to `slot`.
+    fn rotate(&mut self, slot: u64) {
+        if slot == self.slot {
+            return;
+        }
+        if slot == self.slot + 1 {
+            std::mem::swap(&mut self.previous, &mut self.current);
+        } else {
+            self.previous.iter_mut().for_each(Histogram::reset);
+        }
+        self.current.iter_mut().for_each(Histogram::reset);
+        self.slot = slot;
+    }
 }
 
 static NEXT_STATS_ID: AtomicU64 = AtomicU64::new(1);
 
 thread_local! {
-    static LOCAL_LATENCY: RefCell<Vec<(u64, Arc<Mutex<RouteHistograms>>)>> = const { RefCell::new(Vec::new()) };
+    static LOCAL: RefCell<Vec<(u64, Arc<Mutex<ThreadStats>>)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Responses per (route, status).
+pub type ResponseCounts = HashMap<(Route, u16), u64>;
+
+/// Histograms the write side records into.
+pub struct WriteHistograms {
+    /// Batch write (commit) duration, microseconds.
+    pub flush_us: Histogram<u64>,
+    /// Events per committed batch.
+    pub batch_events: Histogram<u64>,
+    /// Receipt → commit per event, milliseconds.
+    pub freshness_ms: Histogram<u64>,
 }
 
 /// Everything `/health` reports about the pipeline.
 pub struct Stats {
     id: u64,
     pub started: Instant,
-    latency: Mutex<Vec<Arc<Mutex<RouteHistograms>>>>,
+    threads: Mutex<Vec<Arc<Mutex<ThreadStats>>>>,
+    /// Flush, batch-size and freshness histograms (write side only).
+    pub write: Mutex<WriteHistograms>,
+    /// Coordinator and write-runtime heartbeats, ms since `started`.
+    pub coordinator_beat_ms: AtomicU64,
+    pub writer_beat_ms: AtomicU64,
     /// Event requests answered 4xx (nothing buffered).
     pub rejected_invalid: AtomicU64,
     /// Events stored in `events`.
@@ -113,7 +210,14 @@ impl Stats {
         Stats {
             id: NEXT_STATS_ID.fetch_add(1, Relaxed),
             started: Instant::now(),
-            latency: Mutex::new(Vec::new()),
+            threads: Mutex::new(Vec::new()),
+            write: Mutex::new(WriteHistograms {
+                flush_us: new_histogram(),
+                batch_events: new_histogram(),
+                freshness_ms: new_histogram(),
+            }),
+            coordinator_beat_ms: AtomicU64::new(0),
+            writer_beat_ms: AtomicU64::new(0),
             rejected_invalid: AtomicU64::new(0),
             written: AtomicU64::new(0),
             rejected_unknown_campaign: AtomicU64::new(0),
@@ -140,16 +244,33 @@ impl Stats {
         }
     }
 
-    /// Records a request's server-side latency into this thread's histograms.
-    pub fn record_latency(&self, route: Route, elapsed: Duration) {
+    fn slot(&self) -> u64 {
+        self.started.elapsed().as_secs() / WINDOW_SLOT.as_secs()
+    }
+
+    /// Milliseconds since start (for heartbeats).
+    pub fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// Records one answered request: its route, status, server-side latency,
+    /// and why it was refused, if it was.
+    pub fn record_request(
+        &self,
+        route: Route,
+        status: u16,
+        elapsed: Duration,
+        rejected: Option<&'static str>,
+    ) {
         let nanos = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX).max(1);
-        LOCAL_LATENCY.with(|local| {
+        let slot = self.slot();
+        LOCAL.with(|local| {
             let mut local = local.borrow_mut();
-            let hist = match local.iter().find(|(id, _)| *id == self.id) {
+            let stats = match local.iter().find(|(id, _)| *id == self.id) {
                 Some((_, h)) => h.clone(),
                 None => {
-                    let h = Arc::new(Mutex::new(new_histograms()));
-                    self.latency
+                    let h = Arc::new(Mutex::new(ThreadStats::new(slot)));
+                    self.threads
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
                         .push(h.clone());
@@ -158,31 +279,103 @@ impl Stats {
                     h
                 }
             };
-            let mut h = hist.lock().unwrap_or_else(|p| p.into_inner());
-            h[route as usize].saturating_record(nanos);
+            let mut t = stats.lock().unwrap_or_else(|p| p.into_inner());
+            t.rotate(slot);
+            let i = route as usize;
+            t.since_start[i].saturating_record(nanos);
+            t.current[i].saturating_record(nanos);
+            *t.responses.entry((route, status)).or_insert(0) += 1;
+            if let Some(reason) = rejected {
+                *t.rejected.entry(reason).or_insert(0) += 1;
+            }
         });
     }
 
-    /// Merged latency summaries for every route, in microseconds.
-    pub fn latency(&self) -> Vec<(Route, LatencySummary)> {
-        let mut merged = new_histograms();
-        for h in self
-            .latency
+    /// Latency per route merged over threads: since start, and over the last minute.
+    pub fn latency_histograms(&self) -> (RouteHistograms, RouteHistograms) {
+        let mut all = new_histograms();
+        let mut recent = new_histograms();
+        let slot = self.slot();
+        for t in self
+            .threads
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
         {
-            let h = h.lock().unwrap_or_else(|p| p.into_inner());
-            for (m, one) in merged.iter_mut().zip(h.iter()) {
+            let t = t.lock().unwrap_or_else(|p| p.into_inner());
+            for (m, one) in all.iter_mut().zip(t.since_start.iter()) {
                 // Same bounds on both sides, so `add` cannot fail.
                 let _ = m.add(one);
             }
+            // A thread idle for a while holds old slots: count only recent ones.
+            let take_current = t.slot == slot || t.slot + 1 == slot;
+            let take_previous = t.slot == slot;
+            for ((r, cur), prev) in recent
+                .iter_mut()
+                .zip(t.current.iter())
+                .zip(t.previous.iter())
+            {
+                if take_current {
+                    let _ = r.add(cur);
+                }
+                if take_previous {
+                    let _ = r.add(prev);
+                }
+            }
         }
+        (all, recent)
+    }
+
+    /// Latency summaries per route: since start and over the last minute.
+    pub fn latency(&self) -> Vec<(Route, LatencySummary, LatencySummary)> {
+        let (all, recent) = self.latency_histograms();
         Route::ALL
             .iter()
-            .zip(merged.iter())
-            .map(|(r, h)| (*r, LatencySummary::of(h)))
+            .map(|r| {
+                (
+                    *r,
+                    LatencySummary::of(&all[*r as usize]),
+                    LatencySummary::of(&recent[*r as usize]),
+                )
+            })
             .collect()
+    }
+
+    /// Responses per (route, status) and refusals per reason, merged over threads.
+    pub fn responses(&self) -> (ResponseCounts, HashMap<&'static str, u64>) {
+        let mut responses = HashMap::new();
+        let mut rejected = HashMap::new();
+        for t in self
+            .threads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            let t = t.lock().unwrap_or_else(|p| p.into_inner());
+            for (k, v) in &t.responses {
+                *responses.entry(*k).or_insert(0) += v;
+            }
+            for (k, v) in &t.rejected {
+                *rejected.entry(*k).or_insert(0) += v;
+            }
+        }
+        (responses, rejected)
+    }
+
+    /// Records a committed batch into the write-side histograms.
+    pub fn record_flush(
+        &self,
+        took: Duration,
+        events: u64,
+        freshness_ms: impl Iterator<Item = u64>,
+    ) {
+        let mut w = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        w.flush_us
+            .saturating_record((took.as_micros() as u64).max(1));
+        w.batch_events.saturating_record(events.max(1));
+        for f in freshness_ms {
+            w.freshness_ms.saturating_record(f.max(1));
+        }
     }
 }
 

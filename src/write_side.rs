@@ -80,6 +80,16 @@ impl WriteSide {
             max_bytes: c.max_buffered_bytes,
         };
         let admission_task = tokio::spawn(admission.run());
+        // The write runtime's heartbeat: stops if anything blocks this thread.
+        let beat_stats = self.stats.clone();
+        let beat_task = tokio::spawn(async move {
+            loop {
+                beat_stats
+                    .writer_beat_ms
+                    .store(beat_stats.now_ms(), Relaxed);
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
         let (stop_replay, replay_stop) = watch::channel(false);
         let replay_task = tokio::spawn(replay::run(
             self.writer.clone(),
@@ -120,6 +130,7 @@ impl WriteSide {
         let _ = coordinator_task.await;
         let _ = replay_task.await;
         admission_task.abort();
+        beat_task.abort();
         background.abort();
         self.writer.pool().close();
         report

@@ -33,10 +33,15 @@ pub fn document(state: &AppState) -> Value {
         + s.rejected_unknown_campaign.load(Relaxed)
         + s.dead_lettered.load(Relaxed);
     let mut latency = Map::new();
-    for (route, summary) in s.latency() {
+    let mut recent = Map::new();
+    for (route, all, last_minute) in s.latency() {
         latency.insert(
             route.label().to_string(),
-            serde_json::to_value(summary).unwrap_or(Value::Null),
+            serde_json::to_value(all).unwrap_or(Value::Null),
+        );
+        recent.insert(
+            route.label().to_string(),
+            serde_json::to_value(last_minute).unwrap_or(Value::Null),
         );
     }
     let spool = json!({
@@ -58,6 +63,7 @@ pub fn document(state: &AppState) -> Value {
         "database": if db_up { "connected" } else { "disconnected" },
         "uptime": (s.started.elapsed().as_secs_f64() * 100.0).round() / 100.0,
         "latency_us": latency,
+        "latency_us_last_60s": recent,
         "pipeline": {
             "accepted": accepted,
             "rejected": s.rejected_invalid.load(Relaxed),

@@ -7,12 +7,16 @@
 //! | | HEAD | `200` GIF headers, records nothing (prefetchers) |
 //! | | OPTIONS | CORS preflight |
 //! | `/health` | GET, HEAD | JSON status, latency, pipeline counters |
+//! | `/metrics` | GET, HEAD | Prometheus / OpenMetrics text |
+//! | `/livez`, `/readyz` | GET, HEAD | liveness (loops alive), readiness (ready to take traffic) |
 //!
 //! An event request is answered as soon as the event is in this thread's
 //! shard: nothing here awaits the database or any lock the write side holds.
 
 mod cors;
 mod health;
+mod metrics;
+mod probes;
 pub mod response;
 
 use std::convert::Infallible;
@@ -55,6 +59,8 @@ pub struct AppState {
     pub spool: Arc<Spool>,
     /// One log line per second at most for pixels dropped while shedding.
     pub dropped_log: RateLimitedLog,
+    /// The connection pool, read for `/metrics` gauges only.
+    pub pool: deadpool_postgres::Pool,
 }
 
 impl AppState {
@@ -79,16 +85,35 @@ pub async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let started = Instant::now();
-    let (route, response) = route(&state, req).await;
-    if let Some(route) = route {
-        state.stats.record_latency(route, started.elapsed());
-    }
+    let (route, response, rejected) = route(&state, req).await;
+    state.stats.record_request(
+        route,
+        response.status().as_u16(),
+        started.elapsed(),
+        rejected,
+    );
     Ok(response)
 }
 
-async fn route(state: &AppState, req: Request<Incoming>) -> (Option<Route>, Response<Body>) {
+/// A response, the route it is counted under, and why the request was
+/// refused (the `reason` label of `ingest_events_rejected_total`), if it was.
+type Routed = (Route, Response<Body>, Option<&'static str>);
+
+async fn route(state: &Arc<AppState>, req: Request<Incoming>) -> Routed {
+    let path = req.uri().path();
+    let route_of_path = match path {
+        "/event/impression" | "/event/click" => Route::Other,
+        "/health" => Route::Health,
+        "/metrics" => Route::Metrics,
+        "/livez" | "/readyz" => Route::Probe,
+        _ => Route::Other,
+    };
     if req.uri().path_and_query().map_or(0, |pq| pq.as_str().len()) > MAX_URI_BYTES {
-        return (None, response::uri_too_long(MAX_URI_BYTES));
+        return (
+            route_of_path,
+            response::uri_too_long(MAX_URI_BYTES),
+            Some("uri_too_long"),
+        );
     }
     let headers = req.headers();
     if headers.len() > MAX_HEADERS
@@ -98,25 +123,36 @@ async fn route(state: &AppState, req: Request<Incoming>) -> (Option<Route>, Resp
             .sum::<usize>()
             > MAX_HEADER_BYTES
     {
-        return (
-            None,
-            response::headers_too_large(MAX_HEADER_BYTES, MAX_HEADERS),
-        );
+        let r = response::headers_too_large(MAX_HEADER_BYTES, MAX_HEADERS);
+        return (route_of_path, r, Some("headers_too_large"));
     }
-    let kind = match req.uri().path() {
+    let kind = match path {
         "/event/impression" => EventKind::Impression,
         "/event/click" => EventKind::Click,
-        "/health" => {
-            return match *req.method() {
-                Method::GET => (
-                    Some(Route::Health),
-                    health::respond(state, req.headers(), true),
-                ),
-                Method::HEAD => (None, health::respond(state, req.headers(), false)),
-                _ => (None, response::method_not_allowed("GET, HEAD")),
+        "/health" | "/metrics" | "/livez" | "/readyz" => {
+            let with_body = match *req.method() {
+                Method::GET => true,
+                Method::HEAD => false,
+                _ => {
+                    return (
+                        route_of_path,
+                        response::method_not_allowed("GET, HEAD"),
+                        None,
+                    )
+                }
             };
+            let mut r = match path {
+                "/health" => health::respond(state, req.headers(), with_body),
+                "/metrics" => metrics::respond(state),
+                "/livez" => probes::livez(state),
+                _ => probes::readyz(state),
+            };
+            if !with_body {
+                *r.body_mut() = Body::default();
+            }
+            return (route_of_path, r, None);
         }
-        _ => return (None, response::not_found()),
+        _ => return (Route::Other, response::not_found(), None),
     };
     let route = match (req.method(), kind) {
         (&Method::POST, EventKind::Impression) => Route::PostImpression,
@@ -136,27 +172,39 @@ async fn route(state: &AppState, req: Request<Incoming>) -> (Option<Route>, Resp
                 Err(e) => response::invalid(&e),
             };
             cors::decorate(&state.origins, req.headers(), &mut r);
-            return (None, r);
+            return (Route::HeadEvent, r, None);
         }
-        (&Method::OPTIONS, _) => return (None, cors::preflight(&state.origins, req.headers())),
+        (&Method::OPTIONS, _) => {
+            return (
+                Route::OptionsEvent,
+                cors::preflight(&state.origins, req.headers()),
+                None,
+            )
+        }
         _ => {
             return (
-                None,
+                Route::Other,
                 response::method_not_allowed("GET, HEAD, POST, OPTIONS"),
+                None,
             )
         }
     };
-    (Some(route), record(state, kind, req).await)
+    let (r, rejected) = record(state, kind, req).await;
+    (route, r, rejected)
 }
 
 /// Validates and records one event; the response carries CORS headers.
-async fn record(state: &AppState, kind: EventKind, req: Request<Incoming>) -> Response<Body> {
+async fn record(
+    state: &AppState,
+    kind: EventKind,
+    req: Request<Incoming>,
+) -> (Response<Body>, Option<&'static str>) {
     let is_get = req.method() == Method::GET;
     let (parts, body) = req.into_parts();
-    let mut r = match drain_body(body).await {
-        Err(r) => {
+    let (mut r, rejected) = match drain_body(body).await {
+        Err((r, reason)) => {
             state.stats.rejected_invalid.fetch_add(1, Relaxed);
-            r
+            (r, Some(reason))
         }
         Ok(()) => {
             let received = unix_ms(SystemTime::now());
@@ -170,11 +218,11 @@ async fn record(state: &AppState, kind: EventKind, req: Request<Incoming>) -> Re
                 match event::parse_event(kind, query, received, &state.limits, &mut scratch) {
                     Err(e) => {
                         state.stats.rejected_invalid.fetch_add(1, Relaxed);
-                        response::invalid(&e)
+                        (response::invalid(&e), Some(e.problem.code()))
                     }
                     Ok(ev) => match state.shards.record(&ev, ua.as_deref(), received) {
-                        Ok(()) if is_get => response::pixel(true),
-                        Ok(()) => response::accepted(),
+                        Ok(()) if is_get => (response::pixel(true), None),
+                        Ok(()) => (response::accepted(), None),
                         Err(refused) if is_get => {
                             // The pixel still renders; the event is counted as dropped.
                             state.stats.dropped_buffer_full.fetch_add(1, Relaxed);
@@ -185,11 +233,11 @@ async fn record(state: &AppState, kind: EventKind, req: Request<Incoming>) -> Re
                                     "dropping pixel events: buffers at their memory cap"
                                 );
                             }
-                            response::pixel(true)
+                            (response::pixel(true), None)
                         }
                         Err(_) => {
                             state.stats.shed.fetch_add(1, Relaxed);
-                            response::overloaded()
+                            (response::overloaded(), Some("overloaded"))
                         }
                     },
                 }
@@ -197,22 +245,22 @@ async fn record(state: &AppState, kind: EventKind, req: Request<Incoming>) -> Re
         }
     };
     cors::decorate(&state.origins, &parts.headers, &mut r);
-    r
+    (r, rejected)
 }
 
 /// Reads and discards a request body, refusing bodies over [`MAX_BODY_BYTES`].
-async fn drain_body(body: Incoming) -> Result<(), Response<Body>> {
+async fn drain_body(body: Incoming) -> Result<(), (Response<Body>, &'static str)> {
     if body.is_end_stream() {
         return Ok(());
     }
     if body.size_hint().lower() > MAX_BODY_BYTES as u64 {
-        return Err(response::body_too_large(MAX_BODY_BYTES));
+        return Err((response::body_too_large(MAX_BODY_BYTES), "body_too_large"));
     }
     match Limited::new(body, MAX_BODY_BYTES).collect().await {
         Ok(_) => Ok(()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            Err(response::body_too_large(MAX_BODY_BYTES))
+            Err((response::body_too_large(MAX_BODY_BYTES), "body_too_large"))
         }
-        Err(_) => Err(response::bad_body()),
+        Err(_) => Err((response::bad_body(), "bad_body")),
     }
 }

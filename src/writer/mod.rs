@@ -234,6 +234,14 @@ impl PgWriter {
         if s.duplicate {
             st.duplicate_batches.fetch_add(1, Relaxed);
         } else {
+            let now = unix_ms_now();
+            st.record_flush(
+                took,
+                batch.len() as u64,
+                batch
+                    .rows()
+                    .map(|(_, r)| (now - r.received_ms).max(0) as u64),
+            );
             st.flushes.fetch_add(1, Relaxed);
             st.last_flush_duration_us
                 .store(took.as_micros() as u64, Relaxed);
