@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # scripts/test.sh — the whole test suite, from a fresh machine.
 #
-# Installs the PostgreSQL server if missing, starts a throw-away cluster on a
+# Installs the PostgreSQL server and Chromium (for the browser test) if
+# missing, starts a throw-away cluster on a
 # free port in a temporary folder, runs fmt/clippy checks and every test
 # against it (each integration test creates its own database), and removes
 # the cluster afterwards, whatever happened. Extra arguments go to `cargo test`.
@@ -11,6 +12,13 @@ cd "$(dirname "$0")/.."
 
 command -v cargo >/dev/null || { echo "cargo not found: install Rust (rustup) first" >&2; exit 1; }
 pg_ensure_installed
+# The real-browser test (tests/browser.rs) drives Debian's headless Chromium.
+if [ ! -x "${CHROMIUM:-/usr/bin/chromium}" ]; then
+  echo "==> installing chromium (Debian package) for the browser test" >&2
+  SUDO=""; [ "$(id -u)" != 0 ] && SUDO=sudo
+  $SUDO apt-get update -qq >&2
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >&2
+fi
 
 PGDIR=$(mktemp -d "${TMPDIR:-/tmp}/ingest-test-pg.XXXXXX")
 PORT=$(free_port)

@@ -49,6 +49,8 @@ pub struct Delivery {
     pub stats: Arc<Stats>,
     pub write_timeout: Duration,
     spool_failures: RateLimitedLog,
+    spooled_log: RateLimitedLog,
+    failure_log: RateLimitedLog,
 }
 
 impl Delivery {
@@ -64,6 +66,8 @@ impl Delivery {
             stats,
             write_timeout,
             spool_failures: RateLimitedLog::new(Duration::from_secs(5)),
+            spooled_log: RateLimitedLog::new(Duration::from_secs(5)),
+            failure_log: RateLimitedLog::new(Duration::from_secs(5)),
         }
     }
 
@@ -81,7 +85,15 @@ impl Delivery {
                     .spooled_events
                     .fetch_add(batch.len() as u64, Relaxed);
                 self.stats.spooled_batches.fetch_add(1, Relaxed);
-                tracing::warn!(batch = %batch.id, events = batch.len(), spool_bytes = self.spool.bytes(), "batch spooled to disk");
+                if self.spooled_log.allow() {
+                    tracing::warn!(
+                        batch = %batch.id,
+                        events = batch.len(),
+                        spooled_events_total = self.stats.spooled_events.load(Relaxed),
+                        spool_bytes = self.spool.bytes(),
+                        "batches going to the spool (logged every 5 s at most)"
+                    );
+                }
                 Spooling::Done
             }
             Ok((batch, Err(e))) => {
@@ -130,7 +142,16 @@ impl Delivery {
                     return Outcome::Committed;
                 }
                 Some(Err(e)) => {
-                    tracing::warn!(batch = %batch.id, events = batch.len(), attempt, error = %e, "batch write failed");
+                    if self.failure_log.allow() {
+                        tracing::warn!(
+                            batch = %batch.id,
+                            events = batch.len(),
+                            attempt,
+                            failures_total = self.stats.write_failures.load(Relaxed),
+                            error = %e,
+                            "batch write failed (logged every 5 s at most)"
+                        );
+                    }
                     if !e.is_permanent() {
                         match self.spool(batch).await {
                             Spooling::Done => return Outcome::Spooled,

@@ -26,6 +26,7 @@ pub async fn run(
     write_timeout: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
+    let failure_log = crate::stats::RateLimitedLog::new(Duration::from_secs(5));
     loop {
         if *stop.borrow() {
             return;
@@ -85,7 +86,9 @@ pub async fn run(
                     }
                     Err(e) => {
                         attempt += 1;
-                        tracing::warn!(batch = %batch.id, attempt, error = %e, "spool replay write failed");
+                        if failure_log.allow() {
+                            tracing::warn!(batch = %batch.id, attempt, error = %e, "spool replay write failed (logged every 5 s at most)");
+                        }
                         tokio::select! {
                             _ = tokio::time::sleep(backoff(attempt, batch.id)) => {}
                             _ = stop.wait_for(|s| *s) => return,
