@@ -20,7 +20,6 @@ PGPORT=${BENCH_PGPORT:-55499}
 SHARED=${SHARED:-$(cd .. && pwd)/shared}
 BENCH="$SHARED/bench"
 [ -f "$BENCH/wrk/event.lua" ] || { echo "shared bench not found at $BENCH (set SHARED=...)" >&2; exit 1; }
-command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
 . scripts/lib.sh
 pg_ensure_installed
 
@@ -33,11 +32,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-cargo build --release --quiet
-eval "$(PIN_CPU=0 "$BENCH/pg-up.sh" "$WORK/pg" "$PGPORT" 2>/dev/null | grep ^export)"
-PSQL() { "$PGBIN/psql" -X -q -v ON_ERROR_STOP=1 "$DATABASE_URL" "$@"; }
-./target/release/ingest migrate 2>/dev/null
-PSQL -f "$BENCH/fixtures/fixtures.sql" >/dev/null
+bench_db "$WORK" "$PGPORT"
 
 for round in $(seq 1 "$ROUNDS"); do
   PSQL -c "TRUNCATE events, metrics_hourly, rejected_events" >/dev/null

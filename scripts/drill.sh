@@ -20,7 +20,6 @@ PGPORT=${BENCH_PGPORT:-55498}
 CONNS=${CONNS:-64}
 SHARED=${SHARED:-$(cd .. && pwd)/shared}
 BENCH="$SHARED/bench"
-command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
 . scripts/lib.sh
 pg_ensure_installed
 
@@ -33,12 +32,8 @@ cleanup() {
   rm -rf "$WORK"
 }
 trap cleanup EXIT
-cargo build --release --quiet
+bench_db "$WORK" "$PGPORT"
 pgup() { PIN_CPU=0 "$BENCH/pg-up.sh" "$WORK/pg" "$PGPORT" 2>/dev/null | grep ^export; }
-eval "$(pgup)"
-PSQL() { "$PGBIN/psql" -X -q -v ON_ERROR_STOP=1 "$DATABASE_URL" "$@"; }
-./target/release/ingest migrate 2>/dev/null
-PSQL -f "$BENCH/fixtures/fixtures.sql" >/dev/null
 export SPOOL_DIR="$WORK/spool"
 
 start_service() {

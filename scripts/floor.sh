@@ -17,7 +17,6 @@ ROUNDS=${1:-3}
 CONNS=${CONNS:-64}; DURATION=${DURATION:-10s}
 FPORT=${FLOOR_PORT:-18090}; SPORT=${SERVICE_PORT:-18091}; PGPORT=${BENCH_PGPORT:-55497}
 SHARED=${SHARED:-$(cd .. && pwd)/shared}; BENCH="$SHARED/bench"
-command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
 . scripts/lib.sh
 pg_ensure_installed
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/ingest-floor.XXXXXX"); chmod 755 "$WORK"
@@ -29,11 +28,7 @@ cleanup() {
   rm -rf "$WORK"
 }
 trap cleanup EXIT
-cargo build --release --quiet
-eval "$(PIN_CPU=0 "$BENCH/pg-up.sh" "$WORK/pg" "$PGPORT" 2>/dev/null | grep ^export)"
-PSQL() { "$PGBIN/psql" -X -q -v ON_ERROR_STOP=1 "$DATABASE_URL" "$@"; }
-./target/release/ingest migrate 2>/dev/null
-PSQL -f "$BENCH/fixtures/fixtures.sql" >/dev/null
+bench_db "$WORK" "$PGPORT"
 NGINX_PID=$(NGINX204_STATE="$WORK" PIN_CPU=0 "$BENCH/nginx204.sh" "$FPORT" 2>/dev/null)
 PG_PID=$(head -1 "$WORK/pg/data/postmaster.pid")
 if [ "${PG_NICE:-0}" != 0 ]; then renice -n "$PG_NICE" -p "$PG_PID" >/dev/null; fi

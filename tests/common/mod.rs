@@ -113,43 +113,13 @@ impl TestApp {
     }
 
     async fn start(db_url: String, db: Client, config: Config) -> TestApp {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("local addr");
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            ingest::serve(config, listener, async {
-                let _ = stopped.await;
-            })
-            .await
-            .expect("serve")
-        });
-        let app = TestApp {
-            addr,
-            db_url,
-            db,
-            http: reqwest::Client::new(),
-            stop: Some(stop),
-            task: Some(task),
-        };
+        let app = Self::launch(db_url, db, config).await;
         app.wait_ready().await;
         app
     }
 
-    /// The service pointed at a port where no database listens.
-    pub async fn spawn_without_database(tune: impl FnOnce(&mut Config)) -> TestApp {
-        let dead = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let port = dead.local_addr().expect("addr").port();
-        drop(dead);
-        let db_url = format!("postgres://postgres@127.0.0.1:{port}/nothing");
-        let mut config = Config::with_database_url(db_url.clone());
-        config.connect_timeout = Duration::from_millis(200);
-        config.flush_interval = Duration::from_millis(100);
-        config.spool_dir = temp_dir("spool");
-        tune(&mut config);
-        // Nothing to query: `db` is a connection to the admin database.
-        let db = connect(&admin_url()).await;
+    /// Binds a random port and runs the service on it.
+    async fn launch(db_url: String, db: Client, config: Config) -> TestApp {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -170,6 +140,22 @@ impl TestApp {
             stop: Some(stop),
             task: Some(task),
         }
+    }
+
+    /// The service pointed at a port where no database listens.
+    pub async fn spawn_without_database(tune: impl FnOnce(&mut Config)) -> TestApp {
+        let dead = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = dead.local_addr().expect("addr").port();
+        drop(dead);
+        let db_url = format!("postgres://postgres@127.0.0.1:{port}/nothing");
+        let mut config = Config::with_database_url(db_url.clone());
+        config.connect_timeout = Duration::from_millis(200);
+        config.flush_interval = Duration::from_millis(100);
+        config.spool_dir = temp_dir("spool");
+        tune(&mut config);
+        // Nothing to query: `db` is a connection to the admin database.
+        let db = connect(&admin_url()).await;
+        Self::launch(db_url, db, config).await
     }
 
     /// Waits until the service has loaded its campaign cache.
