@@ -12,12 +12,16 @@ cd "$(dirname "$0")/.."
 
 command -v cargo >/dev/null || { echo "cargo not found: install Rust (rustup) first" >&2; exit 1; }
 pg_ensure_installed
-# The real-browser test (tests/browser.rs) drives Debian's headless Chromium.
-if [ ! -x "${CHROMIUM:-/usr/bin/chromium}" ]; then
-  echo "==> installing chromium (Debian package) for the browser test" >&2
+# The real-browser test (tests/browser.rs) drives Debian's headless Chromium;
+# the TLS test (tests/tls.rs) makes its certificates with openssl.
+MISSING=()
+[ -x "${CHROMIUM:-/usr/bin/chromium}" ] || MISSING+=(chromium)
+command -v openssl >/dev/null || MISSING+=(openssl)
+if [ ${#MISSING[@]} -gt 0 ]; then
+  echo "==> installing ${MISSING[*]} (Debian packages) for the browser and TLS tests" >&2
   SUDO=""; [ "$(id -u)" != 0 ] && SUDO=sudo
   $SUDO apt-get update -qq >&2
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >&2
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${MISSING[@]}" >&2
 fi
 
 PGDIR=$(mktemp -d "${TMPDIR:-/tmp}/ingest-test-pg.XXXXXX")

@@ -10,7 +10,6 @@
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use tokio_postgres::NoTls;
 
 use crate::config::Config;
 
@@ -52,6 +51,8 @@ const MIGRATION_LOCK: i64 = 0x696e_6765_7374;
 pub enum DbError {
     #[error("invalid DATABASE_URL: {0}")]
     Url(tokio_postgres::Error),
+    #[error("DATABASE_URL TLS settings: {0}")]
+    Tls(#[from] crate::tls::TlsError),
     #[error("cannot build the connection pool: {0}")]
     Pool(String),
     #[error("database unavailable: {0}")]
@@ -69,7 +70,9 @@ pub enum DbError {
 
 /// Builds the pool (lazy: no connection is made until first use).
 pub fn pool(config: &Config) -> Result<Pool, DbError> {
-    let mut pg: tokio_postgres::Config = config.database_url.parse().map_err(DbError::Url)?;
+    let (url, tls) = crate::tls::split_url(&config.database_url)?;
+    let connector = crate::tls::connector(&tls)?;
+    let mut pg: tokio_postgres::Config = url.parse().map_err(DbError::Url)?;
     pg.connect_timeout(config.connect_timeout);
     // `timestamp` columns hold UTC wall-clock time, and so does `created_at`'s default.
     pg.options("-c TimeZone=UTC");
@@ -78,7 +81,7 @@ pub fn pool(config: &Config) -> Result<Pool, DbError> {
     }
     let manager = Manager::from_config(
         pg,
-        NoTls,
+        connector,
         ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         },

@@ -33,6 +33,7 @@
 //! | [`admission`] | memory caps: per-shard budgets, load shedding |
 //! | [`pgcopy`] | binary COPY encoding |
 //! | [`db`] | the connection pool and the embedded migrations |
+//! | [`tls`] | TLS to PostgreSQL with libpq's `sslmode` meanings |
 //! | [`stats`] | counters and latency histograms behind `/health` |
 //! | [`telemetry`] | log setup |
 //!
@@ -54,6 +55,7 @@ pub mod shard;
 pub mod spool;
 pub mod stats;
 pub mod telemetry;
+pub mod tls;
 pub mod write_side;
 pub mod writer;
 

@@ -11,6 +11,8 @@ pub struct PgCluster {
     pub dir: PathBuf,
     pub port: u16,
     bin: PathBuf,
+    /// Extra server settings (TLS).
+    extra: String,
 }
 
 fn is_root() -> bool {
@@ -35,6 +37,100 @@ impl PgCluster {
 
     /// initdb + start on a free port; the database `ingest` exists afterwards.
     pub fn start_new() -> PgCluster {
+        Self::start_with(false)
+    }
+
+    /// Like `start_new`, with TLS on: a throw-away CA (`ca_cert()`) signs a
+    /// server certificate for IP 127.0.0.1 (not for the name `localhost`).
+    pub fn start_new_with_tls() -> PgCluster {
+        Self::start_with(true)
+    }
+
+    pub fn ca_cert(&self) -> PathBuf {
+        self.dir.join("ca.crt")
+    }
+
+    fn make_certs(dir: &std::path::Path) -> String {
+        let run = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(dir)
+                .output()
+                .expect("openssl");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        run(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=ingest-test-ca",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+        ]);
+        run(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+        ]);
+        std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").expect("san");
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-out",
+            "server.crt",
+            "-extfile",
+            "san.ext",
+        ]);
+        if is_root() {
+            let ok = Command::new("chown")
+                .arg("postgres:")
+                .arg(dir.join("server.key"))
+                .arg(dir.join("server.crt"))
+                .status()
+                .expect("chown");
+            assert!(ok.success());
+        }
+        let ok = Command::new("chmod")
+            .arg("600")
+            .arg(dir.join("server.key"))
+            .status()
+            .expect("chmod");
+        assert!(ok.success());
+        format!(
+            " -c ssl=on -c ssl_cert_file='{}' -c ssl_key_file='{}'",
+            dir.join("server.crt").display(),
+            dir.join("server.key").display()
+        )
+    }
+
+    fn start_with(tls: bool) -> PgCluster {
         let bin = PathBuf::from(
             std::env::var("PGBIN").unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".into()),
         );
@@ -52,7 +148,17 @@ impl PgCluster {
             .and_then(|l| l.local_addr())
             .expect("free port")
             .port();
-        let c = PgCluster { dir, port, bin };
+        let extra = if tls {
+            Self::make_certs(&dir)
+        } else {
+            String::new()
+        };
+        let c = PgCluster {
+            dir,
+            port,
+            bin,
+            extra,
+        };
         let out = c
             .cmd("initdb")
             .args(["-D"])
@@ -99,9 +205,10 @@ impl PgCluster {
 
     pub fn start(&self) {
         let opts = format!(
-            "-c listen_addresses=127.0.0.1 -p {} -c unix_socket_directories='{}' -c fsync=off",
+            "-c listen_addresses=127.0.0.1 -p {} -c unix_socket_directories='{}' -c fsync=off{}",
             self.port,
-            self.dir.display()
+            self.dir.display(),
+            self.extra
         );
         let out = self
             .cmd("pg_ctl")
