@@ -85,6 +85,19 @@ async fn migrate(config: Config) -> ExitCode {
 }
 
 async fn serve(config: Config) -> ExitCode {
+    // Each connection is a file descriptor: lift the soft limit (often 1024)
+    // to the hard one, as nginx does, so MAX_CONNECTIONS is the real cap.
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) if (n as usize) < config.max_connections + 64 => {
+            tracing::warn!(
+                open_files = n,
+                max_connections = config.max_connections,
+                "open-file limit is below MAX_CONNECTIONS"
+            )
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+    }
     let addr = format!("{}:{}", config.host, config.port);
     let listener = match tokio::net::TcpListener::bind(&addr).await {
         Ok(l) => l,
