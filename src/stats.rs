@@ -92,6 +92,13 @@ fn new_histograms() -> RouteHistograms {
     std::array::from_fn(|_| new_histogram())
 }
 
+/// Statuses counted in a fixed array (no hashing per request).
+const COMMON_STATUSES: [u16; 12] = [200, 204, 400, 403, 404, 405, 408, 413, 414, 431, 500, 503];
+
+fn status_index(status: u16) -> Option<usize> {
+    COMMON_STATUSES.iter().position(|&s| s == status)
+}
+
 /// The recent-latency window: two 30 s slots, so "the last minute" is the
 /// current slot plus the one before.
 const WINDOW_SLOT: Duration = Duration::from_secs(30);
@@ -103,7 +110,10 @@ struct ThreadStats {
     slot: u64,
     current: RouteHistograms,
     previous: RouteHistograms,
-    responses: HashMap<(Route, u16), u64>,
+    /// Responses per route and common status (see `status_index`).
+    responses: [[u64; COMMON_STATUSES.len()]; N_ROUTES],
+    /// Responses with any other status (rare).
+    other_responses: HashMap<(Route, u16), u64>,
     rejected: HashMap<&'static str, u64>,
 }
 
@@ -114,7 +124,8 @@ impl ThreadStats {
             slot,
             current: new_histograms(),
             previous: new_histograms(),
-            responses: HashMap::new(),
+            responses: [[0; COMMON_STATUSES.len()]; N_ROUTES],
+            other_responses: HashMap::new(),
             rejected: HashMap::new(),
         }
     }
@@ -253,41 +264,48 @@ impl Stats {
         self.started.elapsed().as_millis() as u64
     }
 
-    /// Records one answered request: its route, status, server-side latency,
-    /// and why it was refused, if it was.
+    /// Records one answered request: its route, status, server-side latency
+    /// (from `started` to now), and why it was refused, if it was.
     pub fn record_request(
         &self,
         route: Route,
         status: u16,
-        elapsed: Duration,
+        started: Instant,
         rejected: Option<&'static str>,
     ) {
-        let nanos = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX).max(1);
-        let slot = self.slot();
-        LOCAL.with(|local| {
-            let mut local = local.borrow_mut();
-            let stats = match local.iter().find(|(id, _)| *id == self.id) {
-                Some((_, h)) => h.clone(),
-                None => {
-                    let h = Arc::new(Mutex::new(ThreadStats::new(slot)));
-                    self.threads
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .push(h.clone());
-                    local.retain(|(_, h)| Arc::strong_count(h) > 1);
-                    local.push((self.id, h.clone()));
-                    h
-                }
-            };
-            let mut t = stats.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        let nanos = u64::try_from(now.saturating_duration_since(started).as_nanos())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let slot = now.saturating_duration_since(self.started).as_secs() / WINDOW_SLOT.as_secs();
+        let apply = |t: &Mutex<ThreadStats>| {
+            let mut t = t.lock().unwrap_or_else(|p| p.into_inner());
             t.rotate(slot);
             let i = route as usize;
             t.since_start[i].saturating_record(nanos);
             t.current[i].saturating_record(nanos);
-            *t.responses.entry((route, status)).or_insert(0) += 1;
+            match status_index(status) {
+                Some(s) => t.responses[i][s] += 1,
+                None => *t.other_responses.entry((route, status)).or_insert(0) += 1,
+            }
             if let Some(reason) = rejected {
                 *t.rejected.entry(reason).or_insert(0) += 1;
             }
+        };
+        LOCAL.with(|local| {
+            let mut local = local.borrow_mut();
+            // Common case: this thread's set, used by reference (no refcount traffic).
+            if let Some((_, t)) = local.iter().find(|(id, _)| *id == self.id) {
+                return apply(t);
+            }
+            let t = Arc::new(Mutex::new(ThreadStats::new(slot)));
+            self.threads
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(t.clone());
+            local.retain(|(_, t)| Arc::strong_count(t) > 1);
+            local.push((self.id, t.clone()));
+            apply(&t)
         });
     }
 
@@ -352,7 +370,14 @@ impl Stats {
             .iter()
         {
             let t = t.lock().unwrap_or_else(|p| p.into_inner());
-            for (k, v) in &t.responses {
+            for (r, row) in Route::ALL.iter().zip(t.responses.iter()) {
+                for (status, n) in COMMON_STATUSES.iter().zip(row.iter()) {
+                    if *n > 0 {
+                        *responses.entry((*r, *status)).or_insert(0) += n;
+                    }
+                }
+            }
+            for (k, v) in &t.other_responses {
                 *responses.entry(*k).or_insert(0) += v;
             }
             for (k, v) in &t.rejected {

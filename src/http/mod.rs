@@ -86,12 +86,9 @@ pub async fn handle(
 ) -> Result<Response<Body>, Infallible> {
     let started = Instant::now();
     let (route, response, rejected) = route(&state, req).await;
-    state.stats.record_request(
-        route,
-        response.status().as_u16(),
-        started.elapsed(),
-        rejected,
-    );
+    state
+        .stats
+        .record_request(route, response.status().as_u16(), started, rejected);
     Ok(response)
 }
 
