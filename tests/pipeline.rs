@@ -121,22 +121,7 @@ async fn mixed_events_land_as_exact_rows_and_aggregates() {
     assert_eq!(actual, expected);
 
     // And the aggregates equal the raw rows grouped the same way.
-    let drift = db
-        .query_one(
-            "SELECT count(*) FROM (
-               SELECT account_id, ad_unit_id, campaign_id, date_trunc('hour', timestamp) AS h,
-                      count(*) FILTER (WHERE event_type = 'impression') AS i,
-                      count(*) FILTER (WHERE event_type = 'click') AS c
-                 FROM events GROUP BY 1, 2, 3, 4) e
-             FULL JOIN metrics_hourly m
-               ON (m.account_id, m.ad_unit_id, m.campaign_id, m.hour_timestamp) = (e.account_id, e.ad_unit_id, e.campaign_id, e.h)
-            WHERE m.id IS NULL OR e.h IS NULL OR m.impressions <> e.i OR m.clicks <> e.c",
-            &[],
-        )
-        .await
-        .expect("query")
-        .get::<_, i64>(0);
-    assert_eq!(drift, 0);
+    assert_eq!(aggregate_drift(&db).await, 0);
 }
 
 // One worker thread, so all events land in one shard and the trigger is exact.
