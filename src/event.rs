@@ -210,7 +210,16 @@ pub fn parse_event<'a>(
     let timestamp_ms = match timestamp_raw {
         None | Some(b"") => now_ms,
         Some(raw) => {
-            let ts = parse_millis(raw).ok_or(err(Param::Timestamp, Problem::NotInteger))?;
+            // Decoded like every other value (`%2D5` is `-5`); 24 bytes hold any i64.
+            let mut buf = [0u8; 24];
+            let digits = if needs_decoding(raw) {
+                decode_small(raw, &mut buf)
+            } else {
+                Some(raw)
+            };
+            let ts = digits
+                .and_then(parse_millis)
+                .ok_or(err(Param::Timestamp, Problem::NotInteger))?;
             if ts > now_ms.saturating_add(limits.max_future_ms) {
                 return Err(err(Param::Timestamp, Problem::TooFarInFuture));
             }
@@ -425,6 +434,22 @@ mod tests {
         assert_eq!(e.timestamp_ms, NOW);
         let (e, _) = parse(&format!("{}&page_url=x&timestamp=", base())).expect("valid");
         assert_eq!(e.timestamp_ms, NOW);
+    }
+
+    #[test]
+    fn an_encoded_timestamp_is_decoded_like_other_values() {
+        // NOW - 1 = 1717199999999, its first digit written as %31.
+        let (e, _) =
+            parse(&format!("{}&page_url=x&timestamp=%31717199999999", base())).expect("valid");
+        assert_eq!(e.timestamp_ms, NOW - 1);
+        let e = parse(&format!("{}&page_url=x&timestamp=1%2B2", base())).map(|_| ());
+        assert_eq!(
+            e,
+            Err(ParamError {
+                param: Param::Timestamp,
+                problem: Problem::NotInteger
+            })
+        );
     }
 
     #[test]
