@@ -137,6 +137,21 @@ impl Config {
                 got: redact(&database_url),
             });
         }
+        // The whole URL must parse now (host, port, options, sslmode), not at first connect.
+        let parsed = crate::tls::split_url(&database_url)
+            .map_err(|e| e.to_string())
+            .and_then(|(url, _)| {
+                url.parse::<tokio_postgres::Config>()
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            });
+        if let Err(why) = parsed {
+            return Err(ConfigError {
+                var: "DATABASE_URL",
+                expected: "a valid PostgreSQL URL (postgres://user:pass@host:port/db?sslmode=...)",
+                got: format!("{} ({why})", redact(&database_url)),
+            });
+        }
         let mut c = Config::with_database_url(database_url);
         let env = get("APP_ENV")
             .or_else(|| get("NODE_ENV"))
@@ -372,6 +387,12 @@ mod tests {
         assert_eq!(cfg(&[]).expect_err("missing").var, "DATABASE_URL");
         let e = cfg(&[("DATABASE_URL", "mysql://u:secret@h/db")]).expect_err("scheme");
         assert!(!e.to_string().contains("secret"), "{e}");
+        let e = cfg(&[("DATABASE_URL", "postgres://u:secret@h:notaport/db")]).expect_err("port");
+        assert_eq!(e.var, "DATABASE_URL");
+        assert!(!e.to_string().contains("secret"), "{e}");
+        let e =
+            cfg(&[("DATABASE_URL", "postgres://u@h/db?sslmode=sometimes")]).expect_err("sslmode");
+        assert!(e.to_string().contains("sslmode"), "{e}");
     }
 
     #[test]
