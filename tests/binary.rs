@@ -181,14 +181,7 @@ async fn migrations_adopt_a_database_the_node_service_already_uses() {
         assert!(status.success(), "migrate is idempotent");
     }
     let app = TestApp::start_on(db_url.clone(), |_| {}).await;
-    assert_eq!(
-        app.post(&format!(
-            "/event/impression?{}",
-            event_query(camp.id, AD_UNIT, None)
-        ))
-        .await,
-        204
-    );
+    assert_eq!(app.post_event("impression", camp.id).await, 204);
     let (_, db) = app.shutdown().await;
     let (i, c): (i32, i32) = db
         .query_one("SELECT impressions, clicks FROM metrics_hourly", &[])

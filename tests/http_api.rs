@@ -341,14 +341,7 @@ async fn health_has_the_node_fields_and_moving_histograms() {
     assert_eq!(before, 0);
 
     for _ in 0..5 {
-        assert_eq!(
-            app.post(&format!(
-                "/event/impression?{}",
-                event_query(camps[0].id, AD_UNIT, None)
-            ))
-            .await,
-            204
-        );
+        assert_eq!(app.post_event("impression", camps[0].id).await, 204);
     }
     assert_eq!(app.post("/event/impression?campaign_id=bad").await, 400);
     let h = app.health().await.expect("health");
@@ -448,14 +441,7 @@ async fn without_a_database_events_are_accepted_spooled_and_health_is_degraded()
             .await;
     let campaign = Uuid::new_v4();
     for _ in 0..4 {
-        assert_eq!(
-            app.post(&format!(
-                "/event/impression?{}",
-                event_query(campaign, AD_UNIT, None)
-            ))
-            .await,
-            204
-        );
+        assert_eq!(app.post_event("impression", campaign).await, 204);
     }
     let mut h = app.health().await.expect("health");
     for _ in 0..100 {

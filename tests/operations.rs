@@ -271,14 +271,7 @@ async fn health_reports_the_last_minute_next_to_since_start() {
     let camps = campaigns(1, 1);
     let app = TestApp::spawn(&camps).await;
     for _ in 0..3 {
-        assert_eq!(
-            app.post(&format!(
-                "/event/click?{}",
-                event_query(camps[0].id, AD_UNIT, None)
-            ))
-            .await,
-            204
-        );
+        assert_eq!(app.post_event("click", camps[0].id).await, 204);
     }
     let h = app.health().await.expect("health");
     assert_eq!(h["latency_us"]["POST /event/click"]["count"], 3);

@@ -134,14 +134,7 @@ async fn size_trigger_flushes_before_the_timer() {
     })
     .await;
     for _ in 0..24 {
-        assert_eq!(
-            app.post(&format!(
-                "/event/impression?{}",
-                event_query(camps[0].id, AD_UNIT, None)
-            ))
-            .await,
-            204
-        );
+        assert_eq!(app.post_event("impression", camps[0].id).await, 204);
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
@@ -149,14 +142,7 @@ async fn size_trigger_flushes_before_the_timer() {
         0,
         "nothing is written before a trigger"
     );
-    assert_eq!(
-        app.post(&format!(
-            "/event/click?{}",
-            event_query(camps[0].id, AD_UNIT, None)
-        ))
-        .await,
-        204
-    );
+    assert_eq!(app.post_event("click", camps[0].id).await, 204);
     assert_eq!(
         app.wait_rows("events", 25, Duration::from_secs(10)).await,
         25
@@ -178,14 +164,7 @@ async fn the_timer_flushes_a_partial_batch() {
     let camps = campaigns(1, 1);
     let app = TestApp::spawn_with(&camps, |c| c.flush_interval = Duration::from_millis(300)).await;
     for _ in 0..3 {
-        assert_eq!(
-            app.post(&format!(
-                "/event/impression?{}",
-                event_query(camps[0].id, AD_UNIT, None)
-            ))
-            .await,
-            204
-        );
+        assert_eq!(app.post_event("impression", camps[0].id).await, 204);
     }
     assert_eq!(app.wait_rows("events", 3, Duration::from_secs(10)).await, 3);
     let h = app.health().await.expect("health");
@@ -239,30 +218,9 @@ async fn unknown_campaign_goes_to_rejected_events_not_events() {
     let camps = campaigns(1, 1);
     let app = TestApp::spawn(&camps).await;
     let ghost = Uuid::new_v4();
-    assert_eq!(
-        app.post(&format!(
-            "/event/impression?{}",
-            event_query(ghost, AD_UNIT, None)
-        ))
-        .await,
-        204
-    );
-    assert_eq!(
-        app.post(&format!(
-            "/event/click?{}",
-            event_query(ghost, AD_UNIT, None)
-        ))
-        .await,
-        204
-    );
-    assert_eq!(
-        app.post(&format!(
-            "/event/impression?{}",
-            event_query(camps[0].id, AD_UNIT, None)
-        ))
-        .await,
-        204
-    );
+    assert_eq!(app.post_event("impression", ghost).await, 204);
+    assert_eq!(app.post_event("click", ghost).await, 204);
+    assert_eq!(app.post_event("impression", camps[0].id).await, 204);
     let (report, db) = app.shutdown().await;
     assert_eq!(report.unwritten, 0);
     assert_eq!(count(&db, "events").await, 1);
@@ -305,14 +263,7 @@ async fn a_campaign_created_after_start_is_resolved() {
         )
         .await
         .expect("insert campaign");
-    assert_eq!(
-        app.post(&format!(
-            "/event/impression?{}",
-            event_query(late.id, AD_UNIT, None)
-        ))
-        .await,
-        204
-    );
+    assert_eq!(app.post_event("impression", late.id).await, 204);
     assert_eq!(app.wait_rows("events", 1, Duration::from_secs(10)).await, 1);
     let account: Uuid = app
         .db

@@ -268,14 +268,7 @@ async fn a_lost_commit_acknowledgement_is_replayed_as_a_no_op() {
     .await;
     proxy.arm();
     for i in 0..50 {
-        assert_eq!(
-            app.post(&format!(
-                "/event/impression?{}",
-                event_query(camps[i % 2].id, AD_UNIT, None)
-            ))
-            .await,
-            204
-        );
+        assert_eq!(app.post_event("impression", camps[i % 2].id).await, 204);
     }
     let h = wait_health(&app.http, &app.url(""), Duration::from_secs(30), |h| {
         h["pipeline"]["duplicate_batches"].as_u64() >= Some(1)

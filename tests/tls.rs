@@ -40,14 +40,7 @@ async fn sslmode_require_and_verify_full_encrypt_and_store() {
             TestApp::start_on(url, fast).await // same database, already seeded
         };
         let before = app.count("events").await;
-        assert_eq!(
-            app.post(&format!(
-                "/event/impression?{}",
-                event_query(camps[0].id, AD_UNIT, None)
-            ))
-            .await,
-            204
-        );
+        assert_eq!(app.post_event("impression", camps[0].id).await, 204);
         assert_eq!(
             app.wait_rows("events", before + 1, Duration::from_secs(10))
                 .await,

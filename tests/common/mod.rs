@@ -197,6 +197,15 @@ impl TestApp {
             .as_u16()
     }
 
+    /// POSTs a valid event (`kind`: "impression" or "click") for `campaign`; returns the status.
+    pub async fn post_event(&self, kind: &str, campaign: Uuid) -> u16 {
+        self.post(&format!(
+            "/event/{kind}?{}",
+            event_query(campaign, AD_UNIT, None)
+        ))
+        .await
+    }
+
     /// Stops the service (as SIGTERM would) and returns its drain report.
     pub async fn shutdown(mut self) -> (DrainReport, Client) {
         if let Some(stop) = self.stop.take() {
