@@ -103,9 +103,9 @@ fn copy_encoding(c: &mut Criterion) {
             b.iter(|| {
                 let mut enc = CopyEncoder::new(1 << 20);
                 let mut sent = 0usize;
-                for (part, row) in batch.rows() {
+                for row in batch.rows() {
                     if let Some(account) = accounts.get(&row.campaign_id) {
-                        encode_event(&mut enc, part, row, account);
+                        encode_event(&mut enc, &row, account);
                     }
                     if enc.len() >= 1 << 20 {
                         sent += enc.take().len();

@@ -21,13 +21,11 @@ use std::time::Instant;
 
 use futures_util::SinkExt;
 use ingest::accounts::AccountCache;
-use ingest::batch::Batch;
+use ingest::batch::{Batch, Buffer, EventKind, Row};
 use ingest::config::Config;
-use ingest::event::{Event, EventKind};
 use ingest::pgcopy::CopyEncoder;
-use ingest::shard::ShardData;
 use ingest::stats::Stats;
-use ingest::writer::{encode_event, PgWriter};
+use ingest::writer::{encode_event, PgWriter, Sink};
 use uuid::Uuid;
 
 #[path = "../benches/fixture.rs"]
@@ -58,7 +56,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let batches: Vec<Batch> = (0..events.div_ceil(per_batch))
         .map(|b| {
-            let mut d = ShardData::new();
+            let mut d = Buffer::new();
             for i in b * per_batch..((b + 1) * per_batch).min(events) {
                 let h = (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
                 let (au, ca) = match pairs {
@@ -74,7 +72,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                         (h >> 16) % fx.campaigns.len() as u64,
                     ),
                 };
-                let ev = Event {
+                d.push(&Row {
                     kind: if i % 10 == 0 {
                         EventKind::Click
                     } else {
@@ -83,11 +81,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     ad_unit_id: fx.ad_units[au as usize],
                     campaign_id: fx.campaigns[ca as usize].0,
                     creative_id: fx.creatives[((h >> 32) % fx.creatives.len() as u64) as usize],
-                    page_url: "https://news.example.com/articles/2030/summer-fix-fix-travel",
                     timestamp_ms: now,
-                };
-                d.push(&ev, Some("Mozilla/5.0 (X11; Linux x86_64) bench"), now)
-                    .map_err(|e| e.to_string())?;
+                    received_ms: now,
+                    page_url: "https://news.example.com/articles/2030/summer-fix-fix-travel",
+                    user_agent: Some("Mozilla/5.0 (X11; Linux x86_64) bench"),
+                })
+                .map_err(|e| e.to_string())?;
             }
             Ok(Batch::from_parts(vec![d]))
         })
@@ -127,9 +126,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             .await?;
         futures_util::pin_mut!(sink);
         let mut enc = CopyEncoder::new(1 << 20);
-        for (part, row) in batch.rows() {
+        for row in batch.rows() {
             if let Some(a) = map.get(&row.campaign_id) {
-                encode_event(&mut enc, part, row, a);
+                encode_event(&mut enc, &row, a);
                 raw_rows += 1;
             }
             if enc.len() >= 1 << 20 {

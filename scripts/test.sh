@@ -38,6 +38,10 @@ if [ "${SKIP_LINT:-0}" != 1 ]; then
   cargo fmt --all -- --check
   echo "==> cargo clippy --all-targets -- -D warnings"
   cargo clippy --all-targets --quiet -- -D warnings
+  echo "==> cargo doc --no-deps (broken intra-doc links denied)"
+  RUSTDOCFLAGS="-D rustdoc::broken_intra_doc_links -D rustdoc::private_intra_doc_links" cargo doc --no-deps --quiet
 fi
+echo "==> layer rules (scripts/check-layers.sh)"
+scripts/check-layers.sh
 echo "==> cargo test"
 cargo test "$@"

@@ -1,40 +1,296 @@
 //! `Batch`: the one hand-off type between the request side and the write side.
 //!
-//! The coordinator builds a batch from the buffers it swapped out of the
-//! shards: the raw rows stay where they are (moved, not copied) and the
-//! per-shard aggregates are merged into one table. The writer consumes
-//! batches; it never sees a shard, and the request side never sees a batch.
+//! This file owns the event *as stored* ([`Row`]), the compact buffer rows wait
+//! in ([`Buffer`]: fixed fields inline, strings in one byte arena, hourly
+//! counters updated in place), and [`Batch`], the buffers of one flush with
+//! their counters merged. The request side fills buffers (one per shard) and
+//! the coordinator moves them into a batch without copying; the write side
+//! (writer, COPY encoder, spool) reads a batch only through [`Batch::rows`]
+//! and [`Batch::aggregates`], so a change to how shards keep their buffers
+//! never reaches the database code. Nothing here does I/O.
 
 use std::collections::HashMap;
 
 use uuid::Uuid;
 
-use crate::shard::{AggKey, Counts, KeyHasher, RawEvent, ShardData};
+/// Milliseconds in one hour: aggregates are bucketed by `timestamp_ms / HOUR_MS`.
+pub const HOUR_MS: i64 = 3_600_000;
 
-/// Events taken from all shards at one flush, ready to be written.
+/// The hasher for aggregate keys: fast, and seeded per process so that
+/// client-chosen UUIDs cannot be crafted into collisions.
+pub type KeyHasher = foldhash::fast::RandomState;
+
+/// Which endpoint an event arrived on; stored as `events.event_type`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum EventKind {
+    Impression = 0,
+    Click = 1,
+}
+
+impl EventKind {
+    /// The value written to `events.event_type`, as the Node service wrote it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Impression => "impression",
+            EventKind::Click => "click",
+        }
+    }
+
+    /// The inverse of `kind as u8` (the spool's encoding).
+    pub fn from_u8(b: u8) -> Option<EventKind> {
+        match b {
+            0 => Some(EventKind::Impression),
+            1 => Some(EventKind::Click),
+            _ => None,
+        }
+    }
+}
+
+/// An hourly aggregate bucket before the account is known (the writer
+/// resolves campaign → account).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AggKey {
+    pub campaign_id: Uuid,
+    pub ad_unit_id: Uuid,
+    /// Hours since the unix epoch (`timestamp_ms.div_euclid(HOUR_MS)`).
+    pub hour: i64,
+}
+
+/// Counts of one aggregate bucket.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub impressions: u64,
+    pub clicks: u64,
+}
+
+impl Counts {
+    pub fn add(&mut self, other: Counts) {
+        self.impressions += other.impressions;
+        self.clicks += other.clicks;
+    }
+
+    fn count(&mut self, kind: EventKind) {
+        match kind {
+            EventKind::Impression => self.impressions += 1,
+            EventKind::Click => self.clicks += 1,
+        }
+    }
+}
+
+/// One event as it is stored: the write side's view of a row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Row<'a> {
+    pub kind: EventKind,
+    pub ad_unit_id: Uuid,
+    pub campaign_id: Uuid,
+    pub creative_id: Uuid,
+    /// Event time, unix milliseconds.
+    pub timestamp_ms: i64,
+    /// Receipt time, unix milliseconds.
+    pub received_ms: i64,
+    pub page_url: &'a str,
+    pub user_agent: Option<&'a str>,
+}
+
+impl Row<'_> {
+    /// The aggregate bucket this row counts in.
+    pub fn key(&self) -> AggKey {
+        AggKey {
+            campaign_id: self.campaign_id,
+            ad_unit_id: self.ad_unit_id,
+            hour: self.timestamp_ms.div_euclid(HOUR_MS),
+        }
+    }
+
+    /// Memory a row costs while buffered (its fixed part, its strings and a
+    /// share of the aggregate table): what the memory cap counts.
+    pub fn cost(&self) -> u64 {
+        (std::mem::size_of::<Stored>()
+            + 48
+            + self.page_url.len()
+            + self.user_agent.map_or(0, str::len)) as u64
+    }
+}
+
+/// Where a string lives in a buffer's arena.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct TextRef {
+    off: u32,
+    len: u32,
+}
+
+impl TextRef {
+    const NONE: TextRef = TextRef {
+        off: 0,
+        len: u32::MAX,
+    };
+}
+
+/// A row with its strings in the arena.
+#[derive(Clone, Copy, Debug)]
+struct Stored {
+    ad_unit_id: Uuid,
+    campaign_id: Uuid,
+    creative_id: Uuid,
+    timestamp_ms: i64,
+    received_ms: i64,
+    page_url: TextRef,
+    user_agent: TextRef,
+    kind: EventKind,
+}
+
+/// A buffer's string arena is addressed with 32-bit offsets; past 4 GiB it
+/// refuses rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("buffer string arena is full")]
+pub struct ArenaFull;
+
+/// Rows in compact form plus their hourly counters.
+#[derive(Debug, Default)]
+pub struct Buffer {
+    rows: Vec<Stored>,
+    arena: Vec<u8>,
+    aggregates: HashMap<AggKey, Counts, KeyHasher>,
+    /// Receipt time of the earliest event (0 when empty).
+    first_received_ms: i64,
+    /// Sum of [`Row::cost`] over the rows.
+    counted_bytes: u64,
+}
+
+impl Buffer {
+    /// An empty buffer.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// An empty buffer with room for `rows` rows and `keys` aggregate keys.
+    pub fn with_capacity(rows: usize, keys: usize) -> Self {
+        Buffer {
+            rows: Vec::with_capacity(rows),
+            arena: Vec::with_capacity(rows * 80),
+            aggregates: HashMap::with_capacity_and_hasher(keys, KeyHasher::default()),
+            first_received_ms: 0,
+            counted_bytes: 0,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// The memory-cap estimate of this buffer's rows (see [`Row::cost`]).
+    pub fn counted_bytes(&self) -> u64 {
+        self.counted_bytes
+    }
+
+    /// Appends one row: its fixed fields, its strings, and its aggregate count.
+    pub fn push(&mut self, row: &Row<'_>) -> Result<(), ArenaFull> {
+        let need = row.page_url.len() + row.user_agent.map_or(0, str::len);
+        if self.arena.len() + need >= u32::MAX as usize {
+            return Err(ArenaFull);
+        }
+        if self.rows.is_empty() || row.received_ms < self.first_received_ms {
+            self.first_received_ms = row.received_ms;
+        }
+        self.counted_bytes += row.cost();
+        let page_url = self.store(Some(row.page_url));
+        let user_agent = self.store(row.user_agent);
+        self.rows.push(Stored {
+            ad_unit_id: row.ad_unit_id,
+            campaign_id: row.campaign_id,
+            creative_id: row.creative_id,
+            timestamp_ms: row.timestamp_ms,
+            received_ms: row.received_ms,
+            page_url,
+            user_agent,
+            kind: row.kind,
+        });
+        self.aggregates
+            .entry(row.key())
+            .or_default()
+            .count(row.kind);
+        Ok(())
+    }
+
+    fn store(&mut self, s: Option<&str>) -> TextRef {
+        match s {
+            None => TextRef::NONE,
+            Some(s) => {
+                // `push` checked that the arena stays under 4 GiB.
+                let off = self.arena.len() as u32;
+                self.arena.extend_from_slice(s.as_bytes());
+                TextRef {
+                    off,
+                    len: s.len() as u32,
+                }
+            }
+        }
+    }
+
+    fn text(&self, r: TextRef) -> Option<&str> {
+        if r == TextRef::NONE {
+            return None;
+        }
+        let bytes = self
+            .arena
+            .get(r.off as usize..(r.off as usize + r.len as usize))?;
+        // Only `&str` ever goes into the arena, at these exact boundaries.
+        std::str::from_utf8(bytes).ok()
+    }
+
+    fn row(&self, s: &Stored) -> Row<'_> {
+        Row {
+            kind: s.kind,
+            ad_unit_id: s.ad_unit_id,
+            campaign_id: s.campaign_id,
+            creative_id: s.creative_id,
+            timestamp_ms: s.timestamp_ms,
+            received_ms: s.received_ms,
+            page_url: self.text(s.page_url).unwrap_or(""),
+            user_agent: self.text(s.user_agent),
+        }
+    }
+
+    /// Every row, in the order they were pushed.
+    pub fn rows(&self) -> impl Iterator<Item = Row<'_>> {
+        self.rows.iter().map(|s| self.row(s))
+    }
+
+    /// The hourly counters of the rows.
+    pub fn aggregates(&self) -> impl Iterator<Item = (&AggKey, &Counts)> {
+        self.aggregates.iter()
+    }
+}
+
+/// Events taken from all shards at one flush (or read back from the spool),
+/// ready to be written in one transaction.
 #[derive(Debug)]
 pub struct Batch {
-    /// Unique per batch; later the exactly-once ledger key.
+    /// Unique per batch: the exactly-once ledger key (`ingest_batches.id`).
     pub id: Uuid,
-    parts: Vec<ShardData>,
-    /// Merged aggregates of every row in `parts`.
-    pub aggregates: HashMap<AggKey, Counts, KeyHasher>,
+    parts: Vec<Buffer>,
+    /// Merged counters of every row in `parts`.
+    aggregates: HashMap<AggKey, Counts, KeyHasher>,
     events: usize,
-    /// Receipt time (unix ms) of the oldest event in the batch.
-    pub oldest_received_ms: i64,
+    oldest_received_ms: i64,
 }
 
 impl Batch {
-    /// Merges shard buffers into one batch. Buffers without rows are dropped.
-    pub fn from_parts(parts: Vec<ShardData>) -> Batch {
+    /// Merges buffers into one batch under a new id. Empty buffers are dropped.
+    pub fn from_parts(parts: Vec<Buffer>) -> Batch {
         Batch::restore(Uuid::new_v4(), parts)
     }
 
     /// Rebuilds a batch under its original id (spool replay: the id is what
     /// makes a second commit of the same events a no-op).
-    pub fn restore(id: Uuid, mut parts: Vec<ShardData>) -> Batch {
-        parts.retain(|p| !p.rows.is_empty());
-        let events = parts.iter().map(|p| p.rows.len()).sum();
+    pub fn restore(id: Uuid, mut parts: Vec<Buffer>) -> Batch {
+        parts.retain(|p| !p.is_empty());
+        let events = parts.iter().map(Buffer::len).sum();
         let oldest_received_ms = parts.iter().map(|p| p.first_received_ms).min().unwrap_or(0);
         // Start from the largest table and fold the others into it.
         let largest = parts
@@ -60,7 +316,7 @@ impl Batch {
         }
     }
 
-    /// Number of raw events in the batch.
+    /// Number of events in the batch.
     pub fn len(&self) -> usize {
         self.events
     }
@@ -69,14 +325,27 @@ impl Batch {
         self.events == 0
     }
 
-    /// Every row with the buffer that holds its strings.
-    pub fn rows(&self) -> impl Iterator<Item = (&ShardData, &RawEvent)> {
-        self.parts
-            .iter()
-            .flat_map(|p| p.rows.iter().map(move |r| (p, r)))
+    /// Receipt time (unix ms) of the oldest event in the batch.
+    pub fn oldest_received_ms(&self) -> i64 {
+        self.oldest_received_ms
     }
 
-    /// Distinct campaigns in the batch.
+    /// Every row of the batch.
+    pub fn rows(&self) -> impl Iterator<Item = Row<'_>> {
+        self.parts.iter().flat_map(Buffer::rows)
+    }
+
+    /// The merged hourly counters: one entry per (campaign, ad unit, hour).
+    pub fn aggregates(&self) -> impl Iterator<Item = (&AggKey, &Counts)> {
+        self.aggregates.iter()
+    }
+
+    /// Number of distinct aggregate keys.
+    pub fn aggregate_keys(&self) -> usize {
+        self.aggregates.len()
+    }
+
+    /// Distinct campaigns in the batch, sorted.
     pub fn campaigns(&self) -> Vec<Uuid> {
         let mut v: Vec<Uuid> = self.aggregates.keys().map(|k| k.campaign_id).collect();
         v.sort_unstable();
@@ -86,15 +355,70 @@ impl Batch {
 
     /// The memory-cap estimate of the batch's events (what admission counts).
     pub fn counted_bytes(&self) -> u64 {
-        self.parts.iter().map(ShardData::counted_bytes).sum()
+        self.parts.iter().map(Buffer::counted_bytes).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(i: usize, url: &str) -> Row<'_> {
+        Row {
+            kind: if i % 4 == 0 {
+                EventKind::Click
+            } else {
+                EventKind::Impression
+            },
+            ad_unit_id: Uuid::from_u128(1),
+            campaign_id: Uuid::from_u128(2 + (i % 2) as u128),
+            creative_id: Uuid::from_u128(4),
+            timestamp_ms: 1_700_000_000_000 + i as i64 * 1_000_000,
+            received_ms: 1_700_000_000_000 + i as i64,
+            page_url: url,
+            user_agent: (i % 3 == 0).then_some("ua/1"),
+        }
     }
 
-    /// Approximate memory held by the batch.
-    pub fn approx_bytes(&self) -> usize {
-        self.parts
-            .iter()
-            .map(ShardData::approx_bytes)
-            .sum::<usize>()
-            + self.aggregates.capacity() * (std::mem::size_of::<(AggKey, Counts)>() + 8)
+    #[test]
+    fn rows_come_back_as_pushed_and_counters_merge_across_buffers() {
+        let urls: Vec<String> = (0..10).map(|i| format!("https://e.x/{i}")).collect();
+        let mut a = Buffer::new();
+        let mut b = Buffer::with_capacity(4, 4);
+        for (i, u) in urls.iter().enumerate() {
+            let target = if i < 6 { &mut a } else { &mut b };
+            target.push(&row(i, u)).expect("room");
+        }
+        let batch = Batch::from_parts(vec![a, Buffer::new(), b]);
+        assert_eq!(batch.len(), 10);
+        let got: Vec<Row<'_>> = batch.rows().collect();
+        let want: Vec<Row<'_>> = urls.iter().enumerate().map(|(i, u)| row(i, u)).collect();
+        assert_eq!(got, want);
+        let mut total = Counts::default();
+        let mut from_rows: HashMap<AggKey, Counts> = HashMap::new();
+        for r in &want {
+            from_rows.entry(r.key()).or_default().count(r.kind);
+        }
+        for (k, c) in batch.aggregates() {
+            assert_eq!(from_rows.get(k), Some(c));
+            total.add(*c);
+        }
+        assert_eq!(batch.aggregate_keys(), from_rows.len());
+        assert_eq!(
+            total,
+            Counts {
+                impressions: 7,
+                clicks: 3
+            }
+        );
+        assert_eq!(batch.oldest_received_ms(), 1_700_000_000_000);
+        assert_eq!(
+            batch.campaigns(),
+            vec![Uuid::from_u128(2), Uuid::from_u128(3)]
+        );
+        assert_eq!(
+            batch.counted_bytes(),
+            want.iter().map(Row::cost).sum::<u64>()
+        );
     }
 }

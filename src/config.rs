@@ -1,10 +1,16 @@
 //! Typed settings, read once from the environment at start.
 //!
-//! Names and defaults follow the Node service's README (`PORT`, `DATABASE_URL`,
-//! `NODE_ENV`, `ALLOWED_ORIGINS`, pool 30 / idle 30 s / connect 2 s, flush every
-//! 5 s). A value that does not parse stops the process with a message naming
-//! the variable and the expected form; nothing falls back silently.
+//! Every setting is declared once, in [`SETTINGS`]: its variable, default,
+//! form and one-line meaning. Parsing, the defaults, `ingest --help` and the
+//! README's settings table all come from that list (a test compares the
+//! README with it). Names and defaults follow the Node service's README
+//! (`PORT`, `DATABASE_URL`, `NODE_ENV`, `ALLOWED_ORIGINS`, pool 30 / idle
+//! 30 s / connect 2 s, flush every 5 s). A value that does not parse stops
+//! the process with a message naming the variable and the expected form;
+//! nothing falls back silently. To add a setting: a field in [`Config`] and
+//! one entry in [`SETTINGS`].
 
+use std::fmt;
 use std::time::Duration;
 
 /// Which origins get CORS headers.
@@ -42,12 +48,42 @@ impl AllowedOrigins {
     }
 }
 
+/// A PostgreSQL URL whose password never reaches a log line: `Debug` and
+/// `Display` show `user:***@`. [`DatabaseUrl::expose`] gives the real one to
+/// the code that connects.
+#[derive(Clone, PartialEq, Eq)]
+pub struct DatabaseUrl(String);
+
+impl DatabaseUrl {
+    pub fn new(url: impl Into<String>) -> Self {
+        DatabaseUrl(url.into())
+    }
+
+    /// The URL with its password, for connecting only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&redact(&self.0))
+    }
+}
+
+impl fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "DatabaseUrl({})", redact(&self.0))
+    }
+}
+
 /// Every setting of the service.
 #[derive(Clone, Debug)]
 pub struct Config {
     pub port: u16,
     pub host: String,
-    pub database_url: String,
+    pub database_url: DatabaseUrl,
+    /// JSON log lines (`NODE_ENV`/`APP_ENV` = `production`).
     pub production: bool,
     pub allowed_origins: AllowedOrigins,
     pub flush_interval: Duration,
@@ -56,11 +92,16 @@ pub struct Config {
     pub pool_idle_timeout: Duration,
     pub connect_timeout: Duration,
     pub shutdown_timeout: Duration,
+    /// After the shutdown signal, keep serving this long with `/readyz` at 503
+    /// so load balancers stop sending traffic before the listener closes.
+    pub shutdown_grace: Duration,
     pub worker_threads: Option<usize>,
+    pub writer_concurrency: usize,
+    /// A batch write taking longer than this is abandoned and the batch spooled.
+    pub write_timeout: Duration,
     pub max_future: Duration,
     pub max_age: Duration,
     pub accounts_refresh: Duration,
-    pub writer_concurrency: usize,
     /// Where batches the database would not take are kept until it does.
     pub spool_dir: std::path::PathBuf,
     pub spool_max_bytes: u64,
@@ -68,48 +109,431 @@ pub struct Config {
     /// request side sheds load (POST 503, GET pixel dropped and counted).
     pub max_buffered_events: u64,
     pub max_buffered_bytes: u64,
-    /// A batch write taking longer than this is abandoned and the batch spooled.
-    pub write_timeout: Duration,
     /// Open client connections; further ones wait in the listen backlog.
     pub max_connections: usize,
     /// A client must send a complete request head within this (slow-loris guard).
     pub header_read_timeout: Duration,
-    /// After the shutdown signal, keep serving this long with `/readyz` at 503
-    /// so load balancers stop sending traffic before the listener closes.
-    pub shutdown_grace: Duration,
 }
+
+/// How a setting's value is read.
+#[derive(Clone, Copy)]
+enum Parse {
+    /// Milliseconds within bounds.
+    Millis(u64, u64, fn(&mut Config, Duration)),
+    /// An integer within bounds.
+    Int(u64, u64, fn(&mut Config, u64)),
+    /// Free text with its own check (the error is the expected form).
+    Text(fn(&mut Config, &str) -> Result<(), &'static str>),
+    /// Read elsewhere (logging); listed for the documentation.
+    Elsewhere,
+}
+
+/// One environment variable: its name, default, form and meaning.
+#[derive(Clone, Copy)]
+pub struct Setting {
+    pub name: &'static str,
+    /// Applied when the variable is unset or empty.
+    default: Option<&'static str>,
+    /// How the default reads in the docs when it is not a plain value.
+    default_doc: Option<&'static str>,
+    /// The expected form, as the error message names it ("milliseconds between flushes").
+    form: &'static str,
+    pub doc: &'static str,
+    parse: Parse,
+}
+
+impl Setting {
+    /// The default as the docs show it.
+    pub fn default_doc(&self) -> String {
+        match (self.default_doc, self.default) {
+            (Some(d), _) => d.to_string(),
+            (None, Some(v)) => v.to_string(),
+            (None, None) => String::new(),
+        }
+    }
+
+    /// The expected form, as an error names it.
+    pub fn expected(&self) -> String {
+        match self.parse {
+            Parse::Millis(min, max, _) | Parse::Int(min, max, _) => {
+                format!("{} {min}-{max}", self.form)
+            }
+            _ => self.form.to_string(),
+        }
+    }
+
+    fn apply(&self, c: &mut Config, raw: &str) -> Result<(), ConfigError> {
+        let bad = || ConfigError {
+            var: self.name,
+            expected: self.expected(),
+            got: if self.name == "DATABASE_URL" {
+                redact(raw)
+            } else {
+                raw.to_string()
+            },
+        };
+        match self.parse {
+            Parse::Millis(min, max, set) => {
+                let v = bounded(raw, min, max).ok_or_else(bad)?;
+                set(c, Duration::from_millis(v));
+            }
+            Parse::Int(min, max, set) => set(c, bounded(raw, min, max).ok_or_else(bad)?),
+            Parse::Text(set) => set(c, raw).map_err(|why| {
+                let mut e = bad();
+                if !why.is_empty() {
+                    e.got = format!("{} ({why})", e.got);
+                }
+                e
+            })?,
+            Parse::Elsewhere => {}
+        }
+        Ok(())
+    }
+}
+
+fn bounded(raw: &str, min: u64, max: u64) -> Option<u64> {
+    raw.parse::<u64>().ok().filter(|v| (min..=max).contains(v))
+}
+
+const fn ms(
+    name: &'static str,
+    default: &'static str,
+    min: u64,
+    max: u64,
+    form: &'static str,
+    doc: &'static str,
+    set: fn(&mut Config, Duration),
+) -> Setting {
+    Setting {
+        name,
+        default: Some(default),
+        default_doc: None,
+        form,
+        doc,
+        parse: Parse::Millis(min, max, set),
+    }
+}
+
+const fn int(
+    name: &'static str,
+    default: &'static str,
+    min: u64,
+    max: u64,
+    form: &'static str,
+    doc: &'static str,
+    set: fn(&mut Config, u64),
+) -> Setting {
+    Setting {
+        name,
+        default: Some(default),
+        default_doc: None,
+        form,
+        doc,
+        parse: Parse::Int(min, max, set),
+    }
+}
+
+const fn text(
+    name: &'static str,
+    default: Option<&'static str>,
+    default_doc: Option<&'static str>,
+    form: &'static str,
+    doc: &'static str,
+    set: fn(&mut Config, &str) -> Result<(), &'static str>,
+) -> Setting {
+    Setting {
+        name,
+        default,
+        default_doc,
+        form,
+        doc,
+        parse: Parse::Text(set),
+    }
+}
+
+/// Every setting, in the order the docs list them.
+pub const SETTINGS: &[Setting] = &[
+    int("PORT", "3003", 1, 65_535, "a TCP port number", "listen port", |c, v| {
+        c.port = v as u16
+    }),
+    text("HOST", Some("0.0.0.0"), None, "a listen address", "listen address", |c, v| {
+        c.host = v.to_string();
+        Ok(())
+    }),
+    text(
+        "DATABASE_URL",
+        None,
+        Some("(required)"),
+        "a valid PostgreSQL URL (postgres://user:pass@host:port/db?sslmode=...)",
+        "`postgres://user:pass@host:5432/db`; TLS as with libpq: `?sslmode=disable|prefer|require|verify-ca|verify-full`, `&sslrootcert=/path/ca.pem` (or `PGSSLROOTCERT`); default `prefer`",
+        |c, v| {
+            check_database_url(v)?;
+            c.database_url = DatabaseUrl::new(v);
+            Ok(())
+        },
+    ),
+    text(
+        "NODE_ENV",
+        Some("development"),
+        None,
+        "an environment name",
+        "`production` → JSON log lines",
+        |c, v| {
+            c.production = v.eq_ignore_ascii_case("production");
+            Ok(())
+        },
+    ),
+    text(
+        "APP_ENV",
+        None,
+        Some("`NODE_ENV`"),
+        "an environment name",
+        "as `NODE_ENV`, and wins over it when set",
+        |c, v| {
+            c.production = v.eq_ignore_ascii_case("production");
+            Ok(())
+        },
+    ),
+    text(
+        "ALLOWED_ORIGINS",
+        Some("*"),
+        Some("`*`"),
+        "a comma-separated list of origins",
+        "comma-separated origins for CORS, or `*`",
+        |c, v| {
+            c.allowed_origins = AllowedOrigins::parse(v);
+            Ok(())
+        },
+    ),
+    ms("FLUSH_INTERVAL_MS", "5000", 10, 3_600_000, "milliseconds between flushes", "time between flushes", |c, v| {
+        c.flush_interval = v
+    }),
+    int(
+        "FLUSH_MAX_EVENTS",
+        "20000",
+        1,
+        10_000_000,
+        "events per shard that trigger a flush",
+        "a shard holding this many events triggers a flush at once",
+        |c, v| c.flush_max_events = v as usize,
+    ),
+    int("DB_POOL_MAX", "30", 1, 1000, "maximum pool connections", "pool size", |c, v| {
+        c.pool_max = v as usize
+    }),
+    ms(
+        "DB_POOL_IDLE_TIMEOUT_MS",
+        "30000",
+        1000,
+        86_400_000,
+        "milliseconds",
+        "idle connections are closed after this",
+        |c, v| c.pool_idle_timeout = v,
+    ),
+    ms(
+        "DB_CONNECT_TIMEOUT_MS",
+        "2000",
+        100,
+        600_000,
+        "milliseconds",
+        "connect (and pool wait) timeout",
+        |c, v| c.connect_timeout = v,
+    ),
+    ms(
+        "SHUTDOWN_TIMEOUT_MS",
+        "25000",
+        0,
+        3_600_000,
+        "milliseconds",
+        "deadline for draining on SIGTERM/SIGINT",
+        |c, v| c.shutdown_timeout = v,
+    ),
+    ms(
+        "SHUTDOWN_GRACE_MS",
+        "0",
+        0,
+        600_000,
+        "milliseconds",
+        "after SIGTERM, keep serving this long with `/readyz` at 503 before closing the listener (5000 in `deploy/k8s`)",
+        |c, v| c.shutdown_grace = v,
+    ),
+    text(
+        "WORKER_THREADS",
+        None,
+        Some("CPU count"),
+        "a thread count 1-1024",
+        "runtime worker threads (= shards)",
+        |c, v| {
+            c.worker_threads = Some(bounded(v, 1, 1024).ok_or("")? as usize);
+            Ok(())
+        },
+    ),
+    int(
+        "WRITER_CONCURRENCY",
+        "2",
+        1,
+        64,
+        "concurrent batch writers",
+        "batches written at once",
+        |c, v| c.writer_concurrency = v as usize,
+    ),
+    ms(
+        "WRITE_TIMEOUT_MS",
+        "10000",
+        100,
+        3_600_000,
+        "milliseconds",
+        "a batch write slower than this is abandoned and the batch spooled",
+        |c, v| c.write_timeout = v,
+    ),
+    ms(
+        "MAX_EVENT_FUTURE_MS",
+        "3600000",
+        0,
+        31_536_000_000,
+        "milliseconds",
+        "how far ahead a `timestamp` may be",
+        |c, v| c.max_future = v,
+    ),
+    ms(
+        "MAX_EVENT_AGE_MS",
+        "604800000",
+        0,
+        31_536_000_000,
+        "milliseconds",
+        "how far back a `timestamp` may be",
+        |c, v| c.max_age = v,
+    ),
+    ms(
+        "ACCOUNTS_REFRESH_MS",
+        "60000",
+        1000,
+        86_400_000,
+        "milliseconds",
+        "full reload of the campaign → account cache",
+        |c, v| c.accounts_refresh = v,
+    ),
+    text(
+        "SPOOL_DIR",
+        Some("spool"),
+        Some("`./spool`"),
+        "a directory path",
+        "where batches the database would not take are kept (created if missing)",
+        |c, v| {
+            c.spool_dir = v.into();
+            Ok(())
+        },
+    ),
+    int(
+        "SPOOL_MAX_BYTES",
+        "1073741824",
+        1 << 20,
+        1 << 50,
+        "bytes",
+        "spool size cap",
+        |c, v| c.spool_max_bytes = v,
+    ),
+    int(
+        "MAX_BUFFERED_EVENTS",
+        "1000000",
+        1000,
+        1 << 40,
+        "events held in memory",
+        "events held in memory (shards + writer) before shedding",
+        |c, v| c.max_buffered_events = v,
+    ),
+    int(
+        "MAX_BUFFERED_BYTES",
+        "268435456",
+        1 << 20,
+        1 << 50,
+        "bytes held in memory",
+        "bytes held in memory before shedding",
+        |c, v| c.max_buffered_bytes = v,
+    ),
+    int(
+        "MAX_CONNECTIONS",
+        "10000",
+        1,
+        1_000_000,
+        "a connection count",
+        "open client connections; more wait in the listen backlog",
+        |c, v| c.max_connections = v as usize,
+    ),
+    ms(
+        "HEADER_READ_TIMEOUT_MS",
+        "10000",
+        100,
+        600_000,
+        "milliseconds",
+        "time allowed for a complete request head",
+        |c, v| c.header_read_timeout = v,
+    ),
+    Setting {
+        name: "RUST_LOG",
+        default: None,
+        default_doc: Some("`info`"),
+        form: "",
+        doc: "log filter (`tracing` syntax); `LOG_LEVEL` sets just the level",
+        parse: Parse::Elsewhere,
+    },
+];
 
 /// Default size trigger per shard; see README "Flush policy" for the measurement.
 pub const DEFAULT_FLUSH_MAX_EVENTS: usize = 20_000;
 
 impl Config {
-    /// Defaults for everything but the database URL.
-    pub fn with_database_url(database_url: impl Into<String>) -> Config {
+    /// A config with every field zero or empty, before defaults are applied.
+    fn blank() -> Config {
         Config {
-            port: 3003,
-            host: "0.0.0.0".into(),
-            database_url: database_url.into(),
+            port: 0,
+            host: String::new(),
+            database_url: DatabaseUrl::new(""),
             production: false,
             allowed_origins: AllowedOrigins::Any,
-            flush_interval: Duration::from_millis(5000),
-            flush_max_events: DEFAULT_FLUSH_MAX_EVENTS,
-            pool_max: 30,
-            pool_idle_timeout: Duration::from_secs(30),
-            connect_timeout: Duration::from_secs(2),
-            shutdown_timeout: Duration::from_secs(25),
-            worker_threads: None,
-            max_future: Duration::from_secs(3600),
-            max_age: Duration::from_secs(7 * 86_400),
-            accounts_refresh: Duration::from_secs(60),
-            writer_concurrency: 2,
-            spool_dir: "spool".into(),
-            spool_max_bytes: 1 << 30,
-            max_buffered_events: 1_000_000,
-            max_buffered_bytes: 256 << 20,
-            write_timeout: Duration::from_secs(10),
-            max_connections: 10_000,
-            header_read_timeout: Duration::from_secs(10),
+            flush_interval: Duration::ZERO,
+            flush_max_events: 0,
+            pool_max: 0,
+            pool_idle_timeout: Duration::ZERO,
+            connect_timeout: Duration::ZERO,
+            shutdown_timeout: Duration::ZERO,
             shutdown_grace: Duration::ZERO,
+            worker_threads: None,
+            writer_concurrency: 0,
+            write_timeout: Duration::ZERO,
+            max_future: Duration::ZERO,
+            max_age: Duration::ZERO,
+            accounts_refresh: Duration::ZERO,
+            spool_dir: Default::default(),
+            spool_max_bytes: 0,
+            max_buffered_events: 0,
+            max_buffered_bytes: 0,
+            max_connections: 0,
+            header_read_timeout: Duration::ZERO,
+        }
+    }
+
+    /// Defaults for everything but the database URL (taken as given).
+    pub fn with_database_url(database_url: impl Into<String>) -> Config {
+        let mut c = Config::blank();
+        for s in SETTINGS {
+            if let Some(d) = s.default {
+                // Every default parses (tested); a failure would leave the zero value.
+                let _ = s.apply(&mut c, d);
+            }
+        }
+        c.database_url = DatabaseUrl::new(database_url);
+        c
+    }
+
+    /// Sets one setting by its variable name, as the environment would.
+    pub fn set(&mut self, name: &str, value: &str) -> Result<(), ConfigError> {
+        match SETTINGS.iter().find(|s| s.name == name) {
+            Some(s) => s.apply(self, value),
+            None => Err(ConfigError {
+                var: "setting",
+                expected: "one of the variables in ingest --help".into(),
+                got: name.to_string(),
+            }),
         }
     }
 
@@ -120,204 +544,69 @@ impl Config {
 
     /// Reads settings through `get` (the environment, or a map in tests).
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
-        let get = |k: &str| {
-            get(k)
+        let mut c = Config::blank();
+        for s in SETTINGS {
+            let value = get(s.name)
                 .map(|v| v.trim().to_string())
-                .filter(|v| !v.is_empty())
-        };
-        let database_url = get("DATABASE_URL").ok_or(ConfigError {
-            var: "DATABASE_URL",
-            expected: "a PostgreSQL URL such as postgres://user:pass@host:5432/db",
-            got: String::new(),
-        })?;
-        if !(database_url.starts_with("postgres://") || database_url.starts_with("postgresql://")) {
-            return Err(ConfigError {
-                var: "DATABASE_URL",
-                expected: "a URL starting with postgres:// or postgresql://",
-                got: redact(&database_url),
-            });
+                .filter(|v| !v.is_empty());
+            match (value.as_deref(), s.default) {
+                (Some(v), _) | (None, Some(v)) => s.apply(&mut c, v)?,
+                (None, None) if s.name == "DATABASE_URL" => {
+                    return Err(ConfigError {
+                        var: s.name,
+                        expected: "a PostgreSQL URL such as postgres://user:pass@host:5432/db"
+                            .into(),
+                        got: String::new(),
+                    })
+                }
+                (None, None) => {}
+            }
         }
-        // The whole URL must parse now (host, port, options, sslmode), not at first connect.
-        let parsed = crate::tls::split_url(&database_url)
-            .map_err(|e| e.to_string())
-            .and_then(|(url, _)| {
-                url.parse::<tokio_postgres::Config>()
-                    .map(|_| ())
-                    .map_err(|e| e.to_string())
-            });
-        if let Err(why) = parsed {
-            return Err(ConfigError {
-                var: "DATABASE_URL",
-                expected: "a valid PostgreSQL URL (postgres://user:pass@host:port/db?sslmode=...)",
-                got: format!("{} ({why})", redact(&database_url)),
-            });
-        }
-        let mut c = Config::with_database_url(database_url);
-        let env = get("APP_ENV")
-            .or_else(|| get("NODE_ENV"))
-            .unwrap_or_default();
-        c.production = env.eq_ignore_ascii_case("production");
-        if let Some(v) = get("ALLOWED_ORIGINS") {
-            c.allowed_origins = AllowedOrigins::parse(&v);
-        }
-        if let Some(v) = get("HOST") {
-            c.host = v;
-        }
-        c.port =
-            num(&get, "PORT", 1, 65_535, "a TCP port number 1-65535")?.map_or(c.port, |v| v as u16);
-        let ms = |var: &'static str,
-                  min: u64,
-                  max: u64,
-                  expected: &'static str|
-         -> Result<Option<Duration>, ConfigError> {
-            Ok(num(&get, var, min, max, expected)?.map(Duration::from_millis))
-        };
-        c.flush_interval = ms(
-            "FLUSH_INTERVAL_MS",
-            10,
-            3_600_000,
-            "milliseconds between flushes, 10-3600000",
-        )?
-        .unwrap_or(c.flush_interval);
-        c.flush_max_events = num(
-            &get,
-            "FLUSH_MAX_EVENTS",
-            1,
-            10_000_000,
-            "events per shard that trigger a flush, 1-10000000",
-        )?
-        .map_or(c.flush_max_events, |v| v as usize);
-        c.pool_max = num(
-            &get,
-            "DB_POOL_MAX",
-            1,
-            1000,
-            "maximum pool connections, 1-1000",
-        )?
-        .map_or(c.pool_max, |v| v as usize);
-        c.pool_idle_timeout = ms(
-            "DB_POOL_IDLE_TIMEOUT_MS",
-            1000,
-            86_400_000,
-            "milliseconds, 1000-86400000",
-        )?
-        .unwrap_or(c.pool_idle_timeout);
-        c.connect_timeout = ms(
-            "DB_CONNECT_TIMEOUT_MS",
-            100,
-            600_000,
-            "milliseconds, 100-600000",
-        )?
-        .unwrap_or(c.connect_timeout);
-        c.shutdown_timeout = ms(
-            "SHUTDOWN_TIMEOUT_MS",
-            0,
-            3_600_000,
-            "milliseconds, 0-3600000",
-        )?
-        .unwrap_or(c.shutdown_timeout);
-        c.worker_threads =
-            num(&get, "WORKER_THREADS", 1, 1024, "a thread count, 1-1024")?.map(|v| v as usize);
-        c.max_future = ms(
-            "MAX_EVENT_FUTURE_MS",
-            0,
-            31_536_000_000,
-            "milliseconds, 0-31536000000",
-        )?
-        .unwrap_or(c.max_future);
-        c.max_age = ms(
-            "MAX_EVENT_AGE_MS",
-            0,
-            31_536_000_000,
-            "milliseconds, 0-31536000000",
-        )?
-        .unwrap_or(c.max_age);
-        c.accounts_refresh = ms(
-            "ACCOUNTS_REFRESH_MS",
-            1000,
-            86_400_000,
-            "milliseconds, 1000-86400000",
-        )?
-        .unwrap_or(c.accounts_refresh);
-        c.writer_concurrency = num(
-            &get,
-            "WRITER_CONCURRENCY",
-            1,
-            64,
-            "concurrent batch writers, 1-64",
-        )?
-        .map_or(c.writer_concurrency, |v| v as usize);
-        if let Some(v) = get("SPOOL_DIR") {
-            c.spool_dir = v.into();
-        }
-        c.spool_max_bytes = num(
-            &get,
-            "SPOOL_MAX_BYTES",
-            1 << 20,
-            1 << 50,
-            "bytes, at least 1048576",
-        )?
-        .unwrap_or(c.spool_max_bytes);
-        c.max_buffered_events = num(
-            &get,
-            "MAX_BUFFERED_EVENTS",
-            1000,
-            1 << 40,
-            "events held in memory, at least 1000",
-        )?
-        .unwrap_or(c.max_buffered_events);
-        c.max_buffered_bytes = num(
-            &get,
-            "MAX_BUFFERED_BYTES",
-            1 << 20,
-            1 << 50,
-            "bytes held in memory, at least 1048576",
-        )?
-        .unwrap_or(c.max_buffered_bytes);
-        c.write_timeout = ms(
-            "WRITE_TIMEOUT_MS",
-            100,
-            3_600_000,
-            "milliseconds, 100-3600000",
-        )?
-        .unwrap_or(c.write_timeout);
-        c.max_connections = num(
-            &get,
-            "MAX_CONNECTIONS",
-            1,
-            1_000_000,
-            "a connection count, 1-1000000",
-        )?
-        .map_or(c.max_connections, |v| v as usize);
-        c.shutdown_grace = ms("SHUTDOWN_GRACE_MS", 0, 600_000, "milliseconds, 0-600000")?
-            .unwrap_or(c.shutdown_grace);
-        c.header_read_timeout = ms(
-            "HEADER_READ_TIMEOUT_MS",
-            100,
-            600_000,
-            "milliseconds, 100-600000",
-        )?
-        .unwrap_or(c.header_read_timeout);
         Ok(c)
     }
 }
 
-fn num(
-    get: &impl Fn(&str) -> Option<String>,
-    var: &'static str,
-    min: u64,
-    max: u64,
-    expected: &'static str,
-) -> Result<Option<u64>, ConfigError> {
-    let Some(raw) = get(var) else { return Ok(None) };
-    match raw.parse::<u64>() {
-        Ok(v) if (min..=max).contains(&v) => Ok(Some(v)),
-        _ => Err(ConfigError {
-            var,
-            expected,
-            got: raw,
-        }),
+/// The whole URL must parse now (scheme, host, port, options, sslmode), not at first connect.
+fn check_database_url(url: &str) -> Result<(), &'static str> {
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        return Err("it must start with postgres:// or postgresql://");
     }
+    let (plain, _) = crate::tls::split_url(url).map_err(|_| "bad sslmode or sslrootcert")?;
+    plain
+        .parse::<tokio_postgres::Config>()
+        .map(|_| ())
+        .map_err(|_| "not a URL tokio-postgres can use")
+}
+
+/// The settings as a Markdown table (the README's "Configuration" table).
+pub fn markdown_table() -> String {
+    let mut out = String::from("| variable | default | meaning |\n|---|---|---|\n");
+    for s in SETTINGS {
+        let default = s.default_doc();
+        out.push_str(&format!(
+            "| `{}` | {} | {} |\n",
+            s.name,
+            if default.is_empty() { "" } else { &default },
+            s.doc.replace('|', "\\|")
+        ));
+    }
+    out
+}
+
+/// The settings as plain text (for `ingest --help`).
+pub fn help_text() -> String {
+    let width = SETTINGS.iter().map(|s| s.name.len()).max().unwrap_or(0);
+    let mut out = String::from("Environment (see README.md, Configuration):\n");
+    for s in SETTINGS {
+        let default = s.default_doc().replace('`', "");
+        let doc = s.doc.replace('`', "");
+        out.push_str(&format!("  {:width$}  {doc}", s.name));
+        if !default.is_empty() {
+            out.push_str(&format!(" [default: {default}]"));
+        }
+        out.push('\n');
+    }
+    out
 }
 
 /// Hides a password in a URL before it is printed.
@@ -339,7 +628,7 @@ fn redact(url: &str) -> String {
 #[error("invalid configuration: {var} must be {expected}{}", if .got.is_empty() { " (it is not set)".to_string() } else { format!(" (got {:?})", .got) })]
 pub struct ConfigError {
     pub var: &'static str,
-    pub expected: &'static str,
+    pub expected: String,
     pub got: String,
 }
 
@@ -360,13 +649,31 @@ mod tests {
     fn defaults_match_the_node_service() {
         let c = cfg(&[("DATABASE_URL", "postgres://u@h/db")]).expect("valid");
         assert_eq!(c.port, 3003);
+        assert_eq!(c.host, "0.0.0.0");
         assert_eq!(c.pool_max, 30);
         assert_eq!(c.pool_idle_timeout, Duration::from_secs(30));
         assert_eq!(c.connect_timeout, Duration::from_secs(2));
         assert_eq!(c.flush_interval, Duration::from_secs(5));
+        assert_eq!(c.flush_max_events, DEFAULT_FLUSH_MAX_EVENTS);
         assert_eq!(c.shutdown_timeout, Duration::from_secs(25));
         assert_eq!(c.allowed_origins, AllowedOrigins::Any);
+        assert_eq!(c.worker_threads, None);
+        assert_eq!(c.spool_dir, std::path::PathBuf::from("spool"));
         assert!(!c.production);
+    }
+
+    #[test]
+    fn every_default_parses_and_with_database_url_applies_them() {
+        let mut c = Config::blank();
+        for s in SETTINGS {
+            if let Some(d) = s.default {
+                s.apply(&mut c, d)
+                    .unwrap_or_else(|e| panic!("default of {}: {e}", s.name));
+            }
+        }
+        let a = Config::with_database_url("postgres://u@h/db");
+        let b = cfg(&[("DATABASE_URL", "postgres://u@h/db")]).expect("valid");
+        assert_eq!(format!("{a:?}"), format!("{b:?}"));
     }
 
     #[test]
@@ -375,7 +682,8 @@ mod tests {
             cfg(&[("DATABASE_URL", "postgres://u@h/db"), ("PORT", "70000")]).expect_err("bad port");
         assert_eq!(e.var, "PORT");
         assert!(
-            e.to_string().contains("PORT must be a TCP port number"),
+            e.to_string()
+                .contains("PORT must be a TCP port number 1-65535"),
             "{e}"
         );
         let e = cfg(&[
@@ -393,6 +701,16 @@ mod tests {
         let e =
             cfg(&[("DATABASE_URL", "postgres://u@h/db?sslmode=sometimes")]).expect_err("sslmode");
         assert!(e.to_string().contains("sslmode"), "{e}");
+        let e = cfg(&[
+            ("DATABASE_URL", "postgres://u@h/db"),
+            ("WORKER_THREADS", "0"),
+        ])
+        .expect_err("threads");
+        assert!(
+            e.to_string()
+                .contains("WORKER_THREADS must be a thread count 1-1024"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -410,5 +728,25 @@ mod tests {
         );
         assert_eq!(c.allowed_origins.allow("https://evil.example"), None);
         assert_eq!(AllowedOrigins::parse("*").allow("https://x"), Some("*"));
+        let c = cfg(&[
+            ("DATABASE_URL", "postgres://u@h/db"),
+            ("NODE_ENV", "production"),
+            ("APP_ENV", "staging"),
+        ])
+        .expect("valid");
+        assert!(!c.production, "APP_ENV wins");
+    }
+
+    #[test]
+    fn the_database_password_never_prints() {
+        let c = cfg(&[("DATABASE_URL", "postgres://app:s3cret@db:5432/ingest")]).expect("valid");
+        for shown in [format!("{c:?}"), c.database_url.to_string()] {
+            assert!(!shown.contains("s3cret"), "{shown}");
+            assert!(shown.contains("app:***@db:5432/ingest"), "{shown}");
+        }
+        assert_eq!(
+            c.database_url.expose(),
+            "postgres://app:s3cret@db:5432/ingest"
+        );
     }
 }

@@ -70,7 +70,7 @@ pub enum DbError {
 
 /// Builds the pool (lazy: no connection is made until first use).
 pub fn pool(config: &Config) -> Result<Pool, DbError> {
-    let (url, tls) = crate::tls::split_url(&config.database_url)?;
+    let (url, tls) = crate::tls::split_url(config.database_url.expose())?;
     let connector = crate::tls::connector(&tls)?;
     let mut pg: tokio_postgres::Config = url.parse().map_err(DbError::Url)?;
     pg.connect_timeout(config.connect_timeout);

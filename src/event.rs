@@ -12,23 +12,7 @@ use std::fmt;
 
 use uuid::Uuid;
 
-/// Which endpoint an event arrived on; stored as `events.event_type`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[repr(u8)]
-pub enum EventKind {
-    Impression = 0,
-    Click = 1,
-}
-
-impl EventKind {
-    /// The value written to `events.event_type`, as the Node service wrote it.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            EventKind::Impression => "impression",
-            EventKind::Click => "click",
-        }
-    }
-}
+pub use crate::batch::EventKind;
 
 /// Limits applied while validating; copied out of the config once at start.
 #[derive(Clone, Copy, Debug)]

@@ -4,42 +4,48 @@
 //! Data flows one way:
 //!
 //! ```text
-//! socket → server (accept, keep-alive, drain)
-//!        → http (route, CORS, limits, /health)
-//!        → event (parse + validate, no allocation)
-//!        → shard (this thread's buffer: raw rows + hourly counters)     ← request side ends here
-//!             │  coordinator: every FLUSH_INTERVAL_MS, on size, on shutdown
-//!             ▼
-//!          batch (the one hand-off type)                                 ← write side starts here
-//!             ▼
-//!          writer (resolve accounts, COPY rows + sorted upsert, one transaction, retry)
-//!             ▼
-//!          PostgreSQL
+//!  request side                          │  write side (its own thread)
+//!                                        │
+//!  socket → server (accept, drain)       │
+//!         → http (route, CORS, limits,   │
+//!           refusals, operator views) ◄──┼── WriteSideStatus (spool, cache, pool: numbers only)
+//!         → event (parse + validate)     │
+//!         → shard (this thread's Buffer) │
+//!              │ coordinator: swap every FLUSH_INTERVAL_MS, on size, at shutdown
+//!              ▼                         │
+//!         ═══ batch::Batch (the one hand-off type: Rows + hourly counters) ═══►
+//!                                        │  writer::live ─┐   writer::replay ◄── spool
+//!                                        │                ▼          ▼
+//!                                        │     writer::retry (one retry path, RetryPolicy)
+//!                                        │                ▼
+//!                                        │     writer::PgWriter (a Sink): COPY + upsert + ledger
+//!                                        │                ▼
+//!                                        │            PostgreSQL  (or the spool while it is down)
 //! ```
 //!
-//! | module | owns |
-//! |---|---|
-//! | [`config`] | settings from the environment, with the Node service's names and defaults |
-//! | [`server`] | the accept loop and connection draining |
-//! | [`http`] | routing, CORS, the pixel GIF, `/health`, error → status mapping |
-//! | [`event`] | query parsing and validation → [`event::Event`] or a [`event::ParamError`] |
-//! | [`shard`] | per-thread shards and the lock-free swap the coordinator uses |
-//! | [`batch`] | [`batch::Batch`], merged shard contents |
-//! | [`write_side`] | the write side's own thread and runtime (coordinator, writer, replay, probes) |
-//! | [`coordinator`] | the flush loop: interval, size trigger, final drain |
-//! | [`accounts`] | campaign → account cache behind arc-swap, batched miss lookups |
-//! | [`writer`] | [`writer::PgWriter`]: binary COPY + upsert per batch, spool fallback, replay |
-//! | [`spool`] | the on-disk spool for batches the database would not take |
-//! | [`admission`] | memory caps: per-shard budgets, load shedding |
-//! | [`pgcopy`] | binary COPY encoding |
-//! | [`db`] | the connection pool and the embedded migrations |
-//! | [`tls`] | TLS to PostgreSQL with libpq's `sslmode` meanings |
-//! | [`stats`] | counters and latency histograms behind `/health` |
-//! | [`telemetry`] | log setup |
+//! | module | side | owns |
+//! |---|---|---|
+//! | [`config`] | shared | every setting, declared once, with the Node service's names and defaults |
+//! | [`batch`] | shared | [`batch::Batch`], [`batch::Row`] (the event as stored), [`batch::Buffer`] |
+//! | [`stats`] | shared | counters (one table), histograms, the [`stats::Snapshot`] the views render |
+//! | [`telemetry`] | shared | log setup |
+//! | [`server`] | request | the accept loop and connection draining |
+//! | [`http`] | request | routing, CORS, the pixel GIF, [`http::Rejection`], `/health`, `/metrics`, probes |
+//! | [`event`] | request | query parsing and validation → [`event::Event`] or a [`event::ParamError`] |
+//! | [`shard`] | request | per-thread shards and the lock-free swap |
+//! | [`admission`] | request | memory caps: per-shard budgets, load shedding |
+//! | [`coordinator`] | request → batch | the flush loop: swap shards into a batch, hand it over |
+//! | [`writer`] | write | [`writer::PgWriter`], the retry path, live delivery, spool replay |
+//! | [`spool`] | write | the on-disk spool for batches the database would not take |
+//! | [`accounts`] | write | campaign → account cache, batched miss lookups |
+//! | [`pgcopy`] | write | binary COPY encoding |
+//! | [`db`] | write | the connection pool and the embedded migrations |
+//! | [`tls`] | write | TLS to PostgreSQL with libpq's `sslmode` meanings |
+//! | [`write_side`] | wiring | the write side's thread and runtime; its status handle |
 //!
-//! The request side (`server`, `http`, `event`, `shard`) imports nothing from
-//! the write side (`writer`, `accounts`, `db`), and the write side only sees
-//! batches. [`serve`] wires them together.
+//! The request side imports nothing from the write side, and the write side
+//! sees only batches; `scripts/check-layers.sh` (run by the test script)
+//! fails on a `use` that breaks this. [`serve`] wires the two together.
 
 pub mod accounts;
 pub mod admission;
@@ -72,9 +78,9 @@ use crate::event::Limits;
 use crate::http::AppState;
 use crate::shard::ShardSet;
 use crate::spool::Spool;
-use crate::stats::{RateLimitedLog, Stats};
+use crate::stats::{Counter, RateLimitedLog, Stats};
 use crate::write_side::{WriteSide, WriteSideHandle};
-use crate::writer::deliver::DeliveryReport;
+use crate::writer::live::DeliveryReport;
 use crate::writer::PgWriter;
 
 /// What shutdown achieved; logged by the binary and returned to tests.
@@ -130,6 +136,11 @@ pub async fn serve(
     let accounts = Arc::new(AccountCache::new());
     let shards = Arc::new(ShardSet::new(config.flush_max_events));
     let writer = Arc::new(PgWriter::new(pool.clone(), accounts.clone(), stats.clone()));
+    let status = Arc::new(write_side::Status {
+        spool: spool.clone(),
+        accounts,
+        pool,
+    });
     let write_side = WriteSide {
         config: config.clone(),
         shards: shards.clone(),
@@ -143,8 +154,7 @@ pub async fn serve(
     let state = Arc::new(AppState {
         shards: shards.clone(),
         stats: stats.clone(),
-        accounts,
-        spool: spool.clone(),
+        write_side: status,
         origins: config.allowed_origins.clone(),
         limits: Limits {
             max_future_ms: config.max_future.as_millis() as i64,
@@ -152,7 +162,6 @@ pub async fn serve(
         },
         shutting_down: AtomicBool::new(false),
         dropped_log: RateLimitedLog::new(Duration::from_secs(1)),
-        pool,
     });
 
     // Phase 1: serve until told to stop; the deadline starts at the signal.
@@ -186,7 +195,7 @@ pub async fn serve(
     let signalled = signal_rx.await.unwrap_or_else(|_| Instant::now());
     let deadline = tokio::time::Instant::from_std(signalled + config.shutdown_timeout);
     let stored_before = stored(&stats);
-    let spooled_before = stats.spooled_events.load(Relaxed);
+    let spooled_before = stats.get(Counter::SpooledEvents);
     tracing::info!(
         buffered = shards.pending(),
         in_writer = stats.in_writer.load(Relaxed),
@@ -223,7 +232,7 @@ pub async fn serve(
     let drain = DrainReport {
         accepted,
         written_at_shutdown: stored(&stats).saturating_sub(stored_before),
-        spooled_at_shutdown: stats.spooled_events.load(Relaxed) - spooled_before,
+        spooled_at_shutdown: stats.get(Counter::SpooledEvents) - spooled_before,
         unwritten: report.unwritten,
         took: signalled.elapsed(),
     };
@@ -241,7 +250,7 @@ pub async fn serve(
 
 /// Events committed to either table since start (live or replayed).
 fn stored(stats: &Stats) -> u64 {
-    stats.written.load(Relaxed)
-        + stats.rejected_unknown_campaign.load(Relaxed)
-        + stats.dead_lettered.load(Relaxed)
+    stats.get(Counter::Written)
+        + stats.get(Counter::UnknownCampaign)
+        + stats.get(Counter::DeadLettered)
 }

@@ -1,42 +1,43 @@
 //! The `ingest` binary: environment → `Config`, logging, signals → `ingest::serve`.
 //!
 //! `ingest` (or `ingest serve`) runs the service; `ingest migrate` applies the
-//! migrations and exits; `ingest --version` prints the version.
+//! migrations and exits; `ingest --version` prints the version; `--help` lists
+//! the commands and every setting. An unknown command or flag exits 2 naming it.
 
 use std::process::ExitCode;
 
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use ingest::config::Config;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-const USAGE: &str = "usage: ingest [serve|migrate|--version|--help]
+/// Ad impression and click events from tracking pixels into PostgreSQL.
+#[derive(Debug, Parser)]
+#[command(name = "ingest", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
 
-Environment: DATABASE_URL (required; sslmode as libpq), PORT (3003), HOST (0.0.0.0),
-NODE_ENV/APP_ENV, ALLOWED_ORIGINS, FLUSH_INTERVAL_MS, FLUSH_MAX_EVENTS, DB_POOL_MAX,
-DB_POOL_IDLE_TIMEOUT_MS, DB_CONNECT_TIMEOUT_MS, SHUTDOWN_TIMEOUT_MS, SHUTDOWN_GRACE_MS,
-WORKER_THREADS, WRITER_CONCURRENCY, WRITE_TIMEOUT_MS, MAX_EVENT_FUTURE_MS, MAX_EVENT_AGE_MS,
-ACCOUNTS_REFRESH_MS, SPOOL_DIR, SPOOL_MAX_BYTES, MAX_BUFFERED_EVENTS, MAX_BUFFERED_BYTES,
-MAX_CONNECTIONS, HEADER_READ_TIMEOUT_MS, RUST_LOG/LOG_LEVEL.
-See README.md (Configuration) for what each one does.";
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the service (the default).
+    Serve,
+    /// Apply the migrations and exit.
+    Migrate,
+}
 
 fn main() -> ExitCode {
-    let command = std::env::args().nth(1).unwrap_or_else(|| "serve".into());
-    match command.as_str() {
-        "--version" | "-V" | "version" => {
-            println!("ingest {}", env!("CARGO_PKG_VERSION"));
-            return ExitCode::SUCCESS;
-        }
-        "--help" | "-h" | "help" => {
-            println!("{USAGE}");
-            return ExitCode::SUCCESS;
-        }
-        "serve" | "migrate" => {}
-        other => {
-            eprintln!("unknown command {other:?}\n{USAGE}");
-            return ExitCode::from(2);
-        }
-    }
+    let cli = Cli::command().after_help(ingest::config::help_text());
+    let cli = match cli
+        .try_get_matches()
+        .and_then(|m| Cli::from_arg_matches(&m))
+    {
+        Ok(c) => c,
+        // Usage errors exit 2 naming what was wrong; --help and --version exit 0.
+        Err(e) => e.exit(),
+    };
     let config = match Config::from_env() {
         Ok(c) => c,
         Err(e) => {
@@ -58,10 +59,9 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async move {
-        if command == "migrate" {
-            migrate(config).await
-        } else {
-            serve(config).await
+        match cli.command.unwrap_or(Command::Serve) {
+            Command::Migrate => migrate(config).await,
+            Command::Serve => serve(config).await,
         }
     })
 }

@@ -1,9 +1,9 @@
 //! Per-worker shards: where accepted events wait for the next flush.
 //!
 //! Every thread that records events owns exactly one [`Shard`] per
-//! [`ShardSet`]. A shard holds the raw rows (fixed fields inline, strings
-//! appended to one byte arena) and hourly aggregate counters keyed by
-//! (ad unit, campaign, hour), updated in place. The account is not part of
+//! [`ShardSet`]. A shard fills a [`Buffer`] (rows with their strings in one
+//! arena, and hourly counters keyed by (ad unit, campaign, hour), updated in
+//! place; the layout is `batch`'s business). The account is not part of
 //! the key here: it is a function of the campaign and is resolved by the
 //! writer, so the hot path never needs the account cache.
 //!
@@ -21,7 +21,6 @@
 //! arc-swap's load. This file never touches the database.
 
 use std::cell::{RefCell, UnsafeCell};
-use std::collections::HashMap;
 use std::sync::atomic::{
     AtomicBool, AtomicU64,
     Ordering::{Relaxed, SeqCst},
@@ -30,78 +29,10 @@ use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 use tokio::sync::Notify;
-use uuid::Uuid;
 
-use crate::event::{Event, EventKind};
-
-/// Milliseconds in one hour: aggregates are bucketed by `timestamp_ms / HOUR_MS`.
-pub const HOUR_MS: i64 = 3_600_000;
-
-/// The hasher for aggregate keys: fast, and seeded per process so that
-/// client-chosen UUIDs cannot be crafted into collisions.
-pub type KeyHasher = foldhash::fast::RandomState;
-
-/// An aggregate bucket before the account is known.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct AggKey {
-    pub campaign_id: Uuid,
-    pub ad_unit_id: Uuid,
-    /// Hours since the unix epoch (`timestamp_ms.div_euclid(HOUR_MS)`).
-    pub hour: i64,
-}
-
-/// Counts of one aggregate bucket.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Counts {
-    pub impressions: u64,
-    pub clicks: u64,
-}
-
-impl Counts {
-    pub fn add(&mut self, other: Counts) {
-        self.impressions += other.impressions;
-        self.clicks += other.clicks;
-    }
-}
-
-/// Where a string lives in a shard's byte arena.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct TextRef {
-    off: u32,
-    len: u32,
-}
-
-impl TextRef {
-    const NONE: TextRef = TextRef {
-        off: 0,
-        len: u32::MAX,
-    };
-}
-
-/// One accepted event with its strings stored in the arena.
-#[derive(Clone, Copy, Debug)]
-pub struct RawEvent {
-    pub ad_unit_id: Uuid,
-    pub campaign_id: Uuid,
-    pub creative_id: Uuid,
-    pub timestamp_ms: i64,
-    pub received_ms: i64,
-    page_url: TextRef,
-    user_agent: TextRef,
-    pub kind: EventKind,
-}
-
-/// The contents of one shard between two swaps.
-#[derive(Debug, Default)]
-pub struct ShardData {
-    pub rows: Vec<RawEvent>,
-    arena: Vec<u8>,
-    pub aggregates: HashMap<AggKey, Counts, KeyHasher>,
-    /// Receipt time of the first event in this buffer (0 when empty).
-    pub first_received_ms: i64,
-    /// Sum of `event_bytes` over the rows (the memory-cap estimate).
-    counted_bytes: u64,
-}
+use crate::batch::{ArenaFull, Buffer, Row};
+use crate::event::Event;
+use crate::stats::ShardTotals;
 
 /// Why an event was not recorded. The caller turns it into a 503 (POST) or
 /// a dropped-and-counted pixel (GET).
@@ -115,119 +46,29 @@ pub enum ShardFull {
     Arena,
 }
 
-impl ShardData {
-    fn with_capacity(rows: usize, keys: usize) -> Self {
-        ShardData {
-            rows: Vec::with_capacity(rows),
-            arena: Vec::with_capacity(rows * 80),
-            aggregates: HashMap::with_capacity_and_hasher(keys, KeyHasher::default()),
-            first_received_ms: 0,
-            counted_bytes: 0,
-        }
+impl From<ArenaFull> for ShardFull {
+    fn from(_: ArenaFull) -> Self {
+        ShardFull::Arena
     }
+}
 
-    fn store(&mut self, s: Option<&str>) -> TextRef {
-        match s {
-            None => TextRef::NONE,
-            Some(s) => {
-                // Bounds are checked by `push` before any string is stored.
-                let off = self.arena.len() as u32;
-                self.arena.extend_from_slice(s.as_bytes());
-                TextRef {
-                    off,
-                    len: s.len() as u32,
-                }
-            }
-        }
-    }
-
-    /// An empty buffer (the spool rebuilds batches into these).
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// The memory-cap estimate of this buffer's events (see `event_bytes`).
-    pub fn counted_bytes(&self) -> u64 {
-        self.counted_bytes
-    }
-
-    /// Bytes this buffer holds for its rows and strings.
-    pub fn used_bytes(&self) -> usize {
-        self.rows.len() * std::mem::size_of::<RawEvent>() + self.arena.len()
-    }
-
-    /// Appends one event: its row, its strings, and its aggregate count.
-    pub fn push(
-        &mut self,
-        ev: &Event<'_>,
-        user_agent: Option<&str>,
-        received_ms: i64,
-    ) -> Result<(), ShardFull> {
-        let need = ev.page_url.len() + user_agent.map_or(0, str::len);
-        if self.arena.len() + need >= u32::MAX as usize {
-            return Err(ShardFull::Arena);
-        }
-        if self.rows.is_empty() || received_ms < self.first_received_ms {
-            self.first_received_ms = received_ms;
-        }
-        self.counted_bytes += event_bytes(ev, user_agent);
-        let page_url = self.store(Some(ev.page_url));
-        let user_agent = self.store(user_agent);
-        self.rows.push(RawEvent {
-            ad_unit_id: ev.ad_unit_id,
-            campaign_id: ev.campaign_id,
-            creative_id: ev.creative_id,
-            timestamp_ms: ev.timestamp_ms,
-            received_ms,
-            page_url,
-            user_agent,
-            kind: ev.kind,
-        });
-        let key = AggKey {
-            campaign_id: ev.campaign_id,
-            ad_unit_id: ev.ad_unit_id,
-            hour: ev.timestamp_ms.div_euclid(HOUR_MS),
-        };
-        let c = self.aggregates.entry(key).or_default();
-        match ev.kind {
-            EventKind::Impression => c.impressions += 1,
-            EventKind::Click => c.clicks += 1,
-        }
-        Ok(())
-    }
-
-    fn text(&self, r: TextRef) -> Option<&str> {
-        if r == TextRef::NONE {
-            return None;
-        }
-        let bytes = self
-            .arena
-            .get(r.off as usize..(r.off as usize + r.len as usize))?;
-        // Only `&str` ever goes into the arena, at these exact boundaries.
-        std::str::from_utf8(bytes).ok()
-    }
-
-    /// The page URL of a row of this buffer.
-    pub fn page_url(&self, row: &RawEvent) -> &str {
-        self.text(row.page_url).unwrap_or("")
-    }
-
-    /// The user agent of a row of this buffer, if the request had one.
-    pub fn user_agent(&self, row: &RawEvent) -> Option<&str> {
-        self.text(row.user_agent)
-    }
-
-    /// Bytes held by this buffer (rows, strings, aggregate table), roughly.
-    pub fn approx_bytes(&self) -> usize {
-        self.rows.capacity() * std::mem::size_of::<RawEvent>()
-            + self.arena.capacity()
-            + self.aggregates.capacity() * (std::mem::size_of::<(AggKey, Counts)>() + 8)
+/// The stored form of a validated event received at `received_ms`.
+fn row<'a>(ev: &Event<'a>, user_agent: Option<&'a str>, received_ms: i64) -> Row<'a> {
+    Row {
+        kind: ev.kind,
+        ad_unit_id: ev.ad_unit_id,
+        campaign_id: ev.campaign_id,
+        creative_id: ev.creative_id,
+        timestamp_ms: ev.timestamp_ms,
+        received_ms,
+        page_url: ev.page_url,
+        user_agent,
     }
 }
 
 /// A shard's live buffer. Only the owning thread mutates it, and only while
 /// it holds a guard from the shard's `ArcSwap` (see the module docs).
-struct ShardCell(UnsafeCell<ShardData>);
+struct ShardCell(UnsafeCell<Buffer>);
 
 // SAFETY: the data inside is reached in exactly two ways: (1) by the one
 // thread that owns the shard, inside `Shard::record`, which is synchronous
@@ -255,7 +96,7 @@ pub struct Shard {
 impl Shard {
     fn new(limit: u64) -> Self {
         Shard {
-            cell: ArcSwap::from_pointee(ShardCell(UnsafeCell::new(ShardData::default()))),
+            cell: ArcSwap::from_pointee(ShardCell(UnsafeCell::new(Buffer::new()))),
             recorded: AtomicU64::new(0),
             taken: AtomicU64::new(0),
             recorded_bytes: AtomicU64::new(0),
@@ -276,16 +117,17 @@ impl Shard {
             self.refused.store(self.refused.load(Relaxed) + 1, Relaxed);
             return Err(ShardFull::Shedding);
         }
+        let row = row(ev, user_agent, received_ms);
         let guard = self.cell.load();
         // SAFETY: see `ShardCell`: we are the owning thread and not re-entrant.
         let data = unsafe { &mut *guard.0.get() };
-        data.push(ev, user_agent, received_ms)?;
-        let len = data.rows.len();
+        data.push(&row)?;
+        let len = data.len();
         drop(guard);
         // Single writer: a plain load + store, no locked instruction.
         self.recorded
             .store(self.recorded.load(Relaxed) + 1, Relaxed);
-        let bytes = event_bytes(ev, user_agent);
+        let bytes = row.cost();
         self.recorded_bytes
             .store(self.recorded_bytes.load(Relaxed) + bytes, Relaxed);
         Ok(len)
@@ -297,8 +139,8 @@ impl Shard {
         rows_hint: usize,
         keys_hint: usize,
         on_take: &impl Fn(u64, u64),
-    ) -> ShardData {
-        let fresh = Arc::new(ShardCell(UnsafeCell::new(ShardData::with_capacity(
+    ) -> Buffer {
+        let fresh = Arc::new(ShardCell(UnsafeCell::new(Buffer::with_capacity(
             rows_hint, keys_hint,
         ))));
         let mut old = self.cell.swap(fresh);
@@ -321,20 +163,13 @@ impl Shard {
         };
         // Count the events where they go before uncounting them here, so that
         // admission (which reads shards first, then the writer) never misses them.
-        on_take(data.rows.len() as u64, data.counted_bytes);
+        let (events, bytes) = (data.len() as u64, data.counted_bytes());
+        on_take(events, bytes);
         self.taken_bytes
-            .store(self.taken_bytes.load(Relaxed) + data.counted_bytes, SeqCst);
-        self.taken
-            .store(self.taken.load(Relaxed) + data.rows.len() as u64, SeqCst);
+            .store(self.taken_bytes.load(Relaxed) + bytes, SeqCst);
+        self.taken.store(self.taken.load(Relaxed) + events, SeqCst);
         data
     }
-}
-
-/// Memory an event costs while buffered: its row, its strings and a share of
-/// the aggregate table.
-fn event_bytes(ev: &Event<'_>, user_agent: Option<&str>) -> u64 {
-    (std::mem::size_of::<RawEvent>() + 48 + ev.page_url.len() + user_agent.map_or(0, str::len))
-        as u64
 }
 
 static NEXT_SET_ID: AtomicU64 = AtomicU64::new(1);
@@ -416,7 +251,7 @@ impl ShardSet {
     /// Takes every shard's buffer, leaving empty ones sized like the last.
     /// `on_take(events, bytes)` runs for each buffer before the shard stops
     /// counting it, so the receiver can count it first (see `budget`).
-    pub async fn take_all(&self, on_take: impl Fn(u64, u64)) -> Vec<ShardData> {
+    pub async fn take_all(&self, on_take: impl Fn(u64, u64)) -> Vec<Buffer> {
         let shards: Vec<Arc<Shard>> = self
             .shards
             .lock()
@@ -428,7 +263,7 @@ impl ShardSet {
             let pending = recorded.saturating_sub(shard.taken.load(Relaxed)) as usize;
             let hint = pending.clamp(64, self.max_events.saturating_add(1024));
             let data = shard.take(hint, hint, &on_take).await;
-            if !data.rows.is_empty() {
+            if !data.is_empty() {
                 out.push(data);
             }
         }
@@ -503,18 +338,20 @@ impl ShardSet {
         self.shedding.load(Relaxed)
     }
 
-    /// Approximate bytes recorded and not yet taken by the coordinator.
-    pub fn pending_bytes(&self) -> u64 {
-        self.shards
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .map(|s| {
-                s.recorded_bytes
-                    .load(Relaxed)
-                    .saturating_sub(s.taken_bytes.load(Relaxed))
-            })
-            .sum()
+    /// Recorded, pending and shedding, read under one lock.
+    pub fn totals(&self) -> ShardTotals {
+        let shards = self.shards.lock().unwrap_or_else(|p| p.into_inner());
+        let (mut recorded, mut taken) = (0u64, 0u64);
+        for s in shards.iter() {
+            // Taken first: a batch in transit is never missing from "pending".
+            taken += s.taken.load(SeqCst);
+            recorded += s.recorded.load(Relaxed);
+        }
+        ShardTotals {
+            recorded,
+            pending: recorded.saturating_sub(taken),
+            shedding: self.is_shedding(),
+        }
     }
 
     /// Events recorded since start, over all shards.
@@ -545,6 +382,8 @@ impl ShardSet {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::batch::{AggKey, Counts, EventKind};
+    use uuid::Uuid;
 
     fn ev(kind: EventKind, campaign: u128, ts: i64) -> Event<'static> {
         Event {
@@ -585,15 +424,15 @@ mod tests {
             h.join().expect("recorder thread");
         }
         taken.extend(set.take_all(|_, _| {}).await);
-        let rows: usize = taken.iter().map(|d| d.rows.len()).sum();
+        let rows: usize = taken.iter().map(Buffer::len).sum();
         assert_eq!(rows, 40_000);
         let mut total = Counts::default();
         for d in &taken {
-            for row in &d.rows {
-                assert_eq!(d.page_url(row), "https://example.com/");
-                assert_eq!(d.user_agent(row), Some("ua"));
+            for row in d.rows() {
+                assert_eq!(row.page_url, "https://example.com/");
+                assert_eq!(row.user_agent, Some("ua"));
             }
-            for c in d.aggregates.values() {
+            for (_, c) in d.aggregates() {
                 total.add(*c);
             }
         }
@@ -620,19 +459,23 @@ mod tests {
             .expect("size signal");
         let data = set.take_all(|_, _| {}).await;
         assert_eq!(data.len(), 1);
-        assert_eq!(data[0].rows.len(), 3);
-        assert_eq!(data[0].user_agent(&data[0].rows[0]), None);
+        assert_eq!(data[0].len(), 3);
+        assert_eq!(data[0].rows().next().map(|r| r.user_agent), Some(None));
         let key = AggKey {
             campaign_id: Uuid::from_u128(1),
             ad_unit_id: Uuid::from_u128(7),
             hour: 0,
         };
+        let counts: Vec<(&AggKey, &Counts)> = data[0].aggregates().collect();
         assert_eq!(
-            data[0].aggregates[&key],
-            Counts {
-                impressions: 3,
-                clicks: 0
-            }
+            counts,
+            vec![(
+                &key,
+                &Counts {
+                    impressions: 3,
+                    clicks: 0
+                }
+            )]
         );
     }
 }

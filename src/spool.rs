@@ -24,9 +24,7 @@ use std::sync::Mutex;
 
 use uuid::Uuid;
 
-use crate::batch::Batch;
-use crate::event::{Event, EventKind};
-use crate::shard::ShardData;
+use crate::batch::{Batch, Buffer, EventKind, Row};
 
 /// A segment is sealed (and becomes replayable) at this size.
 pub const SEGMENT_BYTES: u64 = 16 << 20;
@@ -70,8 +68,6 @@ pub struct Spool {
     state: Mutex<State>,
     /// Bytes on disk (sealed + active).
     bytes: AtomicU64,
-    /// Events currently on disk.
-    events: AtomicU64,
 }
 
 impl Spool {
@@ -114,7 +110,6 @@ impl Spool {
                 sealed: found.into(),
             }),
             bytes: AtomicU64::new(bytes),
-            events: AtomicU64::new(0),
         })
     }
 
@@ -125,12 +120,6 @@ impl Spool {
     /// Bytes on disk now.
     pub fn bytes(&self) -> u64 {
         self.bytes.load(Relaxed)
-    }
-
-    /// Events appended by this process and not yet replayed (segments found at
-    /// start are counted as they are read).
-    pub fn events(&self) -> u64 {
-        self.events.load(Relaxed)
     }
 
     pub fn max_bytes(&self) -> u64 {
@@ -213,7 +202,6 @@ impl Spool {
         }
         active.len += need;
         self.bytes.fetch_add(need, Relaxed);
-        self.events.fetch_add(batch.len() as u64, Relaxed);
         if active.len >= SEGMENT_BYTES {
             Self::seal(&mut st);
         }
@@ -245,7 +233,7 @@ impl Spool {
     }
 
     /// Deletes a fully replayed segment.
-    pub fn remove(&self, seg: &Segment, events: u64) -> io::Result<()> {
+    pub fn remove(&self, seg: &Segment) -> io::Result<()> {
         let mut st = self.lock();
         if let Some(i) = st.sealed.iter().position(|s| s.seq == seg.seq) {
             st.sealed.remove(i);
@@ -253,8 +241,6 @@ impl Spool {
         drop(st);
         self.bytes
             .fetch_sub(seg.len.min(self.bytes.load(Relaxed)), Relaxed);
-        self.events
-            .fetch_sub(events.min(self.events.load(Relaxed)), Relaxed);
         match fs::remove_file(&seg.path) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
@@ -323,17 +309,17 @@ fn encode(batch: &Batch) -> Vec<u8> {
     out.push(FORMAT_VERSION);
     out.extend_from_slice(batch.id.as_bytes());
     out.extend_from_slice(&(batch.len() as u32).to_be_bytes());
-    for (part, row) in batch.rows() {
+    for row in batch.rows() {
         out.push(row.kind as u8);
         out.extend_from_slice(row.ad_unit_id.as_bytes());
         out.extend_from_slice(row.campaign_id.as_bytes());
         out.extend_from_slice(row.creative_id.as_bytes());
         out.extend_from_slice(&row.timestamp_ms.to_be_bytes());
         out.extend_from_slice(&row.received_ms.to_be_bytes());
-        let url = part.page_url(row).as_bytes();
+        let url = row.page_url.as_bytes();
         out.extend_from_slice(&(url.len() as u32).to_be_bytes());
         out.extend_from_slice(url);
-        match part.user_agent(row) {
+        match row.user_agent {
             Some(ua) => {
                 out.extend_from_slice(&(ua.len() as u32).to_be_bytes());
                 out.extend_from_slice(ua.as_bytes());
@@ -386,13 +372,9 @@ fn decode(payload: &[u8]) -> Option<Batch> {
     }
     let id = r.uuid()?;
     let n = r.u32()? as usize;
-    let mut data = ShardData::new();
+    let mut data = Buffer::new();
     for _ in 0..n {
-        let kind = match r.u8()? {
-            0 => EventKind::Impression,
-            1 => EventKind::Click,
-            _ => return None,
-        };
+        let kind = EventKind::from_u8(r.u8()?)?;
         let ad_unit_id = r.uuid()?;
         let campaign_id = r.uuid()?;
         let creative_id = r.uuid()?;
@@ -404,15 +386,17 @@ fn decode(payload: &[u8]) -> Option<Batch> {
             u32::MAX => None,
             len => Some(r.str(len as usize)?),
         };
-        let ev = Event {
+        data.push(&Row {
             kind,
             ad_unit_id,
             campaign_id,
             creative_id,
-            page_url,
             timestamp_ms,
-        };
-        data.push(&ev, user_agent, received_ms).ok()?;
+            received_ms,
+            page_url,
+            user_agent,
+        })
+        .ok()?;
     }
     if r.off != payload.len() {
         return None;
@@ -425,10 +409,10 @@ mod tests {
     use super::*;
 
     fn batch(n: usize, tag: &str) -> Batch {
-        let mut d = ShardData::new();
+        let mut d = Buffer::new();
         for i in 0..n {
             let url = format!("https://example.com/{tag}/{i}");
-            let ev = Event {
+            d.push(&Row {
                 kind: if i % 3 == 0 {
                     EventKind::Click
                 } else {
@@ -437,22 +421,23 @@ mod tests {
                 ad_unit_id: Uuid::from_u128(1),
                 campaign_id: Uuid::from_u128(2 + (i % 2) as u128),
                 creative_id: Uuid::from_u128(4),
-                page_url: &url,
                 timestamp_ms: 1_700_000_000_000 + i as i64,
-            };
-            d.push(&ev, (i % 2 == 0).then_some("ua/1"), 1_700_000_000_000)
-                .expect("room");
+                received_ms: 1_700_000_000_000,
+                page_url: &url,
+                user_agent: (i % 2 == 0).then_some("ua/1"),
+            })
+            .expect("room");
         }
         Batch::from_parts(vec![d])
     }
 
     fn rows(b: &Batch) -> Vec<(u8, String, Option<String>, i64)> {
         b.rows()
-            .map(|(p, r)| {
+            .map(|r| {
                 (
                     r.kind as u8,
-                    p.page_url(r).to_string(),
-                    p.user_agent(r).map(str::to_string),
+                    r.page_url.to_string(),
+                    r.user_agent.map(str::to_string),
                     r.timestamp_ms,
                 )
             })
@@ -466,7 +451,6 @@ mod tests {
         let (a, b) = (batch(10, "a"), batch(3, "b"));
         spool.append(&a).expect("append");
         spool.append(&b).expect("append");
-        assert_eq!(spool.events(), 13);
         // A restart finds the same segment.
         drop(spool);
         let spool = Spool::open(&dir, 1 << 30).expect("reopen");
@@ -476,9 +460,13 @@ mod tests {
         assert_eq!(got.batches.len(), 2);
         assert_eq!(got.batches[0].id, a.id);
         assert_eq!(rows(&got.batches[0]), rows(&a));
-        assert_eq!(got.batches[0].aggregates, a.aggregates);
+        let mut got_aggs: Vec<_> = got.batches[0].aggregates().collect();
+        let mut want_aggs: Vec<_> = a.aggregates().collect();
+        got_aggs.sort_by_key(|(k, _)| **k);
+        want_aggs.sort_by_key(|(k, _)| **k);
+        assert_eq!(got_aggs, want_aggs);
         assert_eq!(got.batches[1].id, b.id);
-        spool.remove(&seg, 13).expect("remove");
+        spool.remove(&seg).expect("remove");
         assert!(spool.is_empty());
         assert_eq!(spool.bytes(), 0);
         let _ = fs::remove_dir_all(&dir);

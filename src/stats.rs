@@ -1,5 +1,9 @@
-//! Counters and histograms, read by `/health` and `/metrics`.
+//! Counters and histograms, read by `/health` and `/metrics` through one
+//! [`Snapshot`].
 //!
+//! Pipeline counters are declared once, in the [`Counter`] table below: its
+//! line says where `/health` shows the counter and which `/metrics` family
+//! carries it, so a new counter is one line plus the code that bumps it.
 //! Request statistics (latency per route since start and over the last
 //! minute, response counts per route and status, rejections per reason) are
 //! kept per thread: each thread locks only its own set (uncontended), and
@@ -81,7 +85,8 @@ impl Route {
 }
 
 const N_ROUTES: usize = Route::ALL.len();
-type RouteHistograms = [Histogram<u64>; N_ROUTES];
+/// One histogram per [`Route`], indexed by `route as usize`.
+pub type RouteHistograms = [Histogram<u64>; N_ROUTES];
 
 /// 1 ns .. 60 s at 3 significant digits.
 pub fn new_histogram() -> Histogram<u64> {
@@ -155,6 +160,7 @@ thread_local! {
 pub type ResponseCounts = HashMap<(Route, u16), u64>;
 
 /// Histograms the write side records into.
+#[derive(Clone)]
 pub struct WriteHistograms {
     /// Batch write (commit) duration, microseconds.
     pub flush_us: Histogram<u64>,
@@ -164,30 +170,191 @@ pub struct WriteHistograms {
     pub freshness_ms: Histogram<u64>,
 }
 
-/// Everything `/health` reports about the pipeline.
+/// What one [`Counter`] is called where it is shown.
+#[derive(Clone, Copy, Debug)]
+pub struct CounterInfo {
+    /// Its place in `/health`: dot-separated keys (`pipeline.written`).
+    pub health: &'static str,
+    /// Its family in `/metrics` (without `_total`); empty when another
+    /// family already carries the number.
+    pub family: &'static str,
+    /// The family's label for this counter, when the family has several.
+    pub label: Option<(&'static str, &'static str)>,
+    /// The family's help text.
+    pub help: &'static str,
+}
+
+macro_rules! counters {
+    ($( #[doc = $help:literal] $name:ident => $health:literal, $family:literal $(, $lk:literal = $lv:literal)?; )*) => {
+        /// The pipeline's event and batch counters. Each line declares one:
+        /// where `/health` shows it and which `/metrics` family carries it.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum Counter { $( #[doc = $help] $name, )* }
+
+        impl Counter {
+            pub const ALL: &'static [Counter] = &[$(Counter::$name),*];
+            pub const COUNT: usize = Counter::ALL.len();
+
+            pub fn info(self) -> CounterInfo {
+                match self {
+                    $(Counter::$name => CounterInfo {
+                        health: $health,
+                        family: $family,
+                        label: counters!(@label $($lk = $lv)?),
+                        help: $help.trim_start(),
+                    },)*
+                }
+            }
+        }
+    };
+    (@label) => { None };
+    (@label $k:literal = $v:literal) => { Some(($k, $v)) };
+}
+
+counters! {
+    /// Event requests refused with a 4xx (nothing buffered); by reason in ingest_events_rejected
+    RejectedInvalid => "pipeline.rejected", "";
+    /// Events refused with 503 at the memory cap; in ingest_events_rejected as overloaded
+    Shed => "pipeline.shed", "";
+    /// GET pixel events answered but not kept, by reason
+    DroppedBufferFull => "pipeline.dropped.buffer_full", "ingest_events_dropped", "reason" = "buffer_full";
+    /// Events committed to the events table
+    Written => "pipeline.written", "ingest_events_written";
+    /// Events refused, by reason; unknown_campaign counts events stored in rejected_events
+    UnknownCampaign => "pipeline.unknown_campaign", "ingest_events_rejected", "reason" = "unknown_campaign";
+    /// Events moved to rejected_events because the database refused their batch
+    DeadLettered => "pipeline.dead_lettered", "ingest_events_dead_lettered";
+    /// Batches committed
+    Flushes => "pipeline.flushes", "ingest_flushes";
+    /// Batch write attempts that failed
+    WriteFailures => "pipeline.write_failures", "ingest_write_failures";
+    /// Batches found already committed in the ledger (lost acknowledgements, replays)
+    DuplicateBatches => "pipeline.duplicate_batches", "ingest_duplicate_batches";
+    /// Events written to the spool
+    SpooledEvents => "spool.spooled_events", "ingest_spooled_events";
+    /// Batches written to the spool
+    SpooledBatches => "spool.spooled_batches", "ingest_spooled_batches";
+    /// Batches the spool could not take (full or failing)
+    SpoolFailures => "spool.failures", "ingest_spool_failures";
+    /// Spooled events committed by replay
+    ReplayedEvents => "spool.replayed_events", "ingest_replayed_events";
+    /// Spooled batches committed by replay
+    ReplayedBatches => "spool.replayed_batches", "ingest_replayed_batches";
+    /// Damaged spool records reported and skipped
+    SpoolDamagedRecords => "spool.damaged_records", "ingest_spool_damaged_records";
+    /// Bytes of damaged spool records skipped
+    SpoolDamagedBytes => "spool.damaged_bytes", "ingest_spool_damaged_bytes";
+}
+
+/// Totals of the request side's shards at one moment.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ShardTotals {
+    /// Events recorded (acknowledged) since start.
+    pub recorded: u64,
+    /// Events recorded and not yet taken by the coordinator.
+    pub pending: u64,
+    /// True while the memory cap makes shards refuse events.
+    pub shedding: bool,
+}
+
+/// The database pool's state.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct PoolStatus {
+    pub size: u64,
+    pub idle: u64,
+    pub waiting: u64,
+    pub max: u64,
+}
+
+/// What the request side may know about the write side (spool, campaign
+/// cache, pool), read when a snapshot is taken.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct WriteStatus {
+    pub spool_bytes: u64,
+    pub spool_max_bytes: u64,
+    pub campaigns_cached: u64,
+    pub campaign_cache_loaded: bool,
+    pub campaign_cache_hits: u64,
+    pub campaign_cache_misses: u64,
+    pub pool: PoolStatus,
+}
+
+/// The write side's status handle: implemented where the spool, the cache
+/// and the pool live, handed to the request side as a trait object by `serve`.
+pub trait WriteSideStatus: Send + Sync {
+    fn status(&self) -> WriteStatus;
+}
+
+/// Everything `/health` and `/metrics` show, read once: both render the same
+/// numbers from one of these.
+pub struct Snapshot {
+    pub at: std::time::SystemTime,
+    pub uptime: Duration,
+    counters: [u64; Counter::COUNT],
+    /// Latency per route since start, and over the last minute.
+    pub latency: RouteHistograms,
+    pub latency_recent: RouteHistograms,
+    pub responses: ResponseCounts,
+    /// Refusals per `error` code.
+    pub rejected: Vec<(&'static str, u64)>,
+    pub write: WriteHistograms,
+    pub in_writer: u64,
+    pub in_writer_bytes: u64,
+    pub last_flush_duration_us: u64,
+    pub last_flush_events: u64,
+    pub last_flush_age_ms: u64,
+    pub db_up: bool,
+    pub migrated: bool,
+    pub shutting_down: bool,
+    pub shards: ShardTotals,
+    pub write_side: WriteStatus,
+}
+
+impl Snapshot {
+    pub fn counter(&self, c: Counter) -> u64 {
+        self.counters[c as usize]
+    }
+
+    /// Events committed to either table since start (live or replayed).
+    pub fn stored(&self) -> u64 {
+        self.counter(Counter::Written)
+            + self.counter(Counter::UnknownCampaign)
+            + self.counter(Counter::DeadLettered)
+    }
+
+    /// Events accepted and not yet committed (in memory or in the spool).
+    pub fn pending(&self) -> u64 {
+        self.shards.recorded.saturating_sub(self.stored())
+    }
+
+    /// Events held in memory: in shards or in the writer.
+    pub fn in_memory(&self) -> u64 {
+        self.shards.pending + self.in_writer
+    }
+
+    /// `healthy`, `degraded` (database unreachable) or `shutting_down`.
+    pub fn status(&self) -> &'static str {
+        if self.shutting_down {
+            "shutting_down"
+        } else if self.db_up {
+            "healthy"
+        } else {
+            "degraded"
+        }
+    }
+}
+
+/// Counters, gauges and histograms of one running service.
 pub struct Stats {
     id: u64,
     pub started: Instant,
     threads: Mutex<Vec<Arc<Mutex<ThreadStats>>>>,
+    counters: [AtomicU64; Counter::COUNT],
     /// Flush, batch-size and freshness histograms (write side only).
-    pub write: Mutex<WriteHistograms>,
+    write: Mutex<WriteHistograms>,
     /// Coordinator and write-runtime heartbeats, ms since `started`.
     pub coordinator_beat_ms: AtomicU64,
     pub writer_beat_ms: AtomicU64,
-    /// Event requests answered 4xx (nothing buffered).
-    pub rejected_invalid: AtomicU64,
-    /// Events stored in `events`.
-    pub written: AtomicU64,
-    /// Events stored in `rejected_events` because their campaign does not exist.
-    pub rejected_unknown_campaign: AtomicU64,
-    /// Events moved to `rejected_events` because the database refused the batch for good.
-    pub dead_lettered: AtomicU64,
-    /// Events refused with 503 because a shard's buffer was full.
-    pub shed: AtomicU64,
-    /// Batches committed.
-    pub flushes: AtomicU64,
-    /// Batch write attempts that failed (each is retried).
-    pub write_failures: AtomicU64,
     pub last_flush_duration_us: AtomicU64,
     pub last_flush_events: AtomicU64,
     /// Receipt → commit of the oldest event of the last batch.
@@ -195,17 +362,6 @@ pub struct Stats {
     /// Events handed to the writer and not yet committed, rejected or spooled.
     pub in_writer: AtomicU64,
     pub in_writer_bytes: AtomicU64,
-    /// GET pixels answered while shedding load (the event was not kept).
-    pub dropped_buffer_full: AtomicU64,
-    pub spooled_events: AtomicU64,
-    pub spooled_batches: AtomicU64,
-    pub spool_failures: AtomicU64,
-    pub replayed_events: AtomicU64,
-    pub replayed_batches: AtomicU64,
-    /// Batches found already committed in the ledger (lost acks, replays).
-    pub duplicate_batches: AtomicU64,
-    pub spool_damaged_records: AtomicU64,
-    pub spool_damaged_bytes: AtomicU64,
     pub db_up: AtomicBool,
     pub migrated: AtomicBool,
 }
@@ -222,6 +378,7 @@ impl Stats {
             id: NEXT_STATS_ID.fetch_add(1, Relaxed),
             started: Instant::now(),
             threads: Mutex::new(Vec::new()),
+            counters: std::array::from_fn(|_| AtomicU64::new(0)),
             write: Mutex::new(WriteHistograms {
                 flush_us: new_histogram(),
                 batch_events: new_histogram(),
@@ -229,29 +386,57 @@ impl Stats {
             }),
             coordinator_beat_ms: AtomicU64::new(0),
             writer_beat_ms: AtomicU64::new(0),
-            rejected_invalid: AtomicU64::new(0),
-            written: AtomicU64::new(0),
-            rejected_unknown_campaign: AtomicU64::new(0),
-            dead_lettered: AtomicU64::new(0),
-            shed: AtomicU64::new(0),
-            flushes: AtomicU64::new(0),
-            write_failures: AtomicU64::new(0),
             last_flush_duration_us: AtomicU64::new(0),
             last_flush_events: AtomicU64::new(0),
             last_flush_age_ms: AtomicU64::new(0),
             in_writer: AtomicU64::new(0),
             in_writer_bytes: AtomicU64::new(0),
-            dropped_buffer_full: AtomicU64::new(0),
-            spooled_events: AtomicU64::new(0),
-            spooled_batches: AtomicU64::new(0),
-            spool_failures: AtomicU64::new(0),
-            replayed_events: AtomicU64::new(0),
-            replayed_batches: AtomicU64::new(0),
-            duplicate_batches: AtomicU64::new(0),
-            spool_damaged_records: AtomicU64::new(0),
-            spool_damaged_bytes: AtomicU64::new(0),
             db_up: AtomicBool::new(false),
             migrated: AtomicBool::new(false),
+        }
+    }
+
+    /// Adds `n` to a counter.
+    pub fn add(&self, c: Counter, n: u64) {
+        self.counters[c as usize].fetch_add(n, Relaxed);
+    }
+
+    /// The current value of a counter.
+    pub fn get(&self, c: Counter) -> u64 {
+        self.counters[c as usize].load(Relaxed)
+    }
+
+    /// Reads everything once. `shards` and `write_side` come from the two
+    /// sides' own handles; see [`Snapshot`].
+    pub fn snapshot(
+        &self,
+        shards: ShardTotals,
+        write_side: WriteStatus,
+        shutting_down: bool,
+    ) -> Snapshot {
+        let (latency, latency_recent) = self.latency_histograms();
+        let (responses, rejected) = self.responses();
+        let mut rejected: Vec<(&'static str, u64)> = rejected.into_iter().collect();
+        rejected.sort();
+        Snapshot {
+            at: std::time::SystemTime::now(),
+            uptime: self.started.elapsed(),
+            counters: std::array::from_fn(|i| self.counters[i].load(Relaxed)),
+            latency,
+            latency_recent,
+            responses,
+            rejected,
+            write: self.write.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            in_writer: self.in_writer.load(Relaxed),
+            in_writer_bytes: self.in_writer_bytes.load(Relaxed),
+            last_flush_duration_us: self.last_flush_duration_us.load(Relaxed),
+            last_flush_events: self.last_flush_events.load(Relaxed),
+            last_flush_age_ms: self.last_flush_age_ms.load(Relaxed),
+            db_up: self.db_up.load(Relaxed),
+            migrated: self.migrated.load(Relaxed),
+            shutting_down,
+            shards,
+            write_side,
         }
     }
 
@@ -310,7 +495,7 @@ impl Stats {
     }
 
     /// Latency per route merged over threads: since start, and over the last minute.
-    pub fn latency_histograms(&self) -> (RouteHistograms, RouteHistograms) {
+    fn latency_histograms(&self) -> (RouteHistograms, RouteHistograms) {
         let mut all = new_histograms();
         let mut recent = new_histograms();
         let slot = self.slot();
@@ -344,23 +529,8 @@ impl Stats {
         (all, recent)
     }
 
-    /// Latency summaries per route: since start and over the last minute.
-    pub fn latency(&self) -> Vec<(Route, LatencySummary, LatencySummary)> {
-        let (all, recent) = self.latency_histograms();
-        Route::ALL
-            .iter()
-            .map(|r| {
-                (
-                    *r,
-                    LatencySummary::of(&all[*r as usize]),
-                    LatencySummary::of(&recent[*r as usize]),
-                )
-            })
-            .collect()
-    }
-
     /// Responses per (route, status) and refusals per reason, merged over threads.
-    pub fn responses(&self) -> (ResponseCounts, HashMap<&'static str, u64>) {
+    fn responses(&self) -> (ResponseCounts, HashMap<&'static str, u64>) {
         let mut responses = HashMap::new();
         let mut rejected = HashMap::new();
         for t in self
@@ -417,7 +587,7 @@ pub struct LatencySummary {
 }
 
 impl LatencySummary {
-    fn of(h: &Histogram<u64>) -> LatencySummary {
+    pub fn of(h: &Histogram<u64>) -> LatencySummary {
         let us = |ns: u64| (ns as f64 / 1000.0 * 10.0).round() / 10.0;
         LatencySummary {
             count: h.len(),

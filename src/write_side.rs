@@ -16,14 +16,16 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::accounts::AccountCache;
 use crate::admission::Admission;
 use crate::config::Config;
 use crate::coordinator::Coordinator;
 use crate::db;
 use crate::shard::ShardSet;
 use crate::spool::Spool;
-use crate::stats::Stats;
-use crate::writer::deliver::{self, Delivery, DeliveryReport};
+use crate::stats::{PoolStatus, Stats, WriteSideStatus, WriteStatus};
+use crate::writer::live::{self, DeliveryReport, SpoolFallback};
+use crate::writer::retry::{Delivery, KeepRetrying, RetryPolicy};
 use crate::writer::{replay, PgWriter};
 
 /// How often the background probe checks the database for `/health`.
@@ -90,27 +92,30 @@ impl WriteSide {
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         });
+        let policy = RetryPolicy::with_timeout(c.write_timeout);
         let (stop_replay, replay_stop) = watch::channel(false);
-        let replay_task = tokio::spawn(replay::run(
+        let replayer = Delivery::new(
             self.writer.clone(),
-            self.spool.clone(),
+            KeepRetrying,
+            policy,
             self.stats.clone(),
-            c.write_timeout,
+            true,
+        );
+        let replay_task = tokio::spawn(replay::run(
+            Arc::new(replayer),
+            self.spool.clone(),
             replay_stop,
         ));
         let (batch_tx, batch_rx) = mpsc::channel(c.writer_concurrency * 2);
         let delivery = Arc::new(Delivery::new(
             self.writer.clone(),
-            self.spool.clone(),
+            SpoolFallback::new(self.spool.clone(), self.stats.clone()),
+            policy,
             self.stats.clone(),
-            c.write_timeout,
+            false,
         ));
-        let delivery_task = tokio::spawn(deliver::run(
-            delivery,
-            batch_rx,
-            c.writer_concurrency,
-            abort,
-        ));
+        let delivery_task =
+            tokio::spawn(live::run(delivery, batch_rx, c.writer_concurrency, abort));
         let coordinator = Coordinator::new(
             self.shards.clone(),
             self.stats.clone(),
@@ -134,6 +139,33 @@ impl WriteSide {
         background.abort();
         self.writer.pool().close();
         report
+    }
+}
+
+/// The write side as `/health`, `/metrics` and `/readyz` see it.
+pub struct Status {
+    pub spool: Arc<Spool>,
+    pub accounts: Arc<AccountCache>,
+    pub pool: deadpool_postgres::Pool,
+}
+
+impl WriteSideStatus for Status {
+    fn status(&self) -> WriteStatus {
+        let pool = self.pool.status();
+        WriteStatus {
+            spool_bytes: self.spool.bytes(),
+            spool_max_bytes: self.spool.max_bytes(),
+            campaigns_cached: self.accounts.len() as u64,
+            campaign_cache_loaded: self.accounts.loaded.load(Relaxed),
+            campaign_cache_hits: self.accounts.hits.load(Relaxed),
+            campaign_cache_misses: self.accounts.misses.load(Relaxed),
+            pool: PoolStatus {
+                size: pool.size as u64,
+                idle: pool.available as u64,
+                waiting: pool.waiting as u64,
+                max: pool.max_size as u64,
+            },
+        }
     }
 }
 

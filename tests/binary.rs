@@ -3,12 +3,10 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use common::*;
-
-const BIN: &str = env!("CARGO_BIN_EXE_ingest");
 
 #[test]
 fn a_bad_setting_stops_the_process_naming_the_variable() {
@@ -53,6 +51,30 @@ fn a_bad_setting_stops_the_process_naming_the_variable() {
 }
 
 #[test]
+fn unknown_commands_and_flags_are_refused_naming_them() {
+    for (args, named) in [
+        (&["migrate", "--anything"][..], "--anything"),
+        (&["frobnicate"][..], "frobnicate"),
+        (&["--verbose"][..], "--verbose"),
+    ] {
+        let out = Command::new(BIN)
+            .args(args)
+            .env("DATABASE_URL", "postgres://u@127.0.0.1:1/db")
+            .output()
+            .expect("run ingest");
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(named), "{args:?}: {stderr}");
+    }
+    let out = Command::new(BIN).arg("--help").output().expect("help");
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for s in ingest::config::SETTINGS {
+        assert!(help.contains(s.name), "--help lists {}", s.name);
+    }
+}
+
+#[test]
 fn version_prints_and_exits() {
     let out = Command::new(BIN)
         .arg("--version")
@@ -83,63 +105,33 @@ async fn migrate_then_sigterm_drains_and_exits_zero() {
     .await
     .expect("seed");
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port();
-    let child = Command::new(BIN)
-        .env("DATABASE_URL", &db_url)
-        .env("PORT", port.to_string())
-        .env("HOST", "127.0.0.1")
-        .env("FLUSH_INTERVAL_MS", "3600000")
-        .env("NODE_ENV", "production")
-        .env("SPOOL_DIR", temp_dir("spool"))
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start ingest");
-    let http = reqwest::Client::new();
-    let base = format!("http://127.0.0.1:{port}");
-    let mut up = false;
-    for _ in 0..200 {
-        if let Ok(r) = http.get(format!("{base}/health")).send().await {
-            let h: serde_json::Value = r.json().await.expect("json");
-            if h["pipeline"]["campaigns_cached"] == 1 {
-                up = true;
-                break;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    assert!(up, "service came up");
+    let mut service = TestApp::builder()
+        .database(db_url)
+        .unseeded()
+        .setting("FLUSH_INTERVAL_MS", 3_600_000)
+        .setting("NODE_ENV", "production")
+        .setting("LOG_LEVEL", "info")
+        .start_process()
+        .await;
+    let h = service
+        .wait_health(Duration::from_secs(5), |h| {
+            h["pipeline"]["campaigns_cached"] == 1
+        })
+        .await;
+    assert_eq!(h["pipeline"]["campaigns_cached"], 1, "service came up: {h}");
     for _ in 0..40 {
-        let r = http
-            .post(format!(
-                "{base}/event/impression?{}",
-                event_query(camp.id, AD_UNIT, None)
-            ))
-            .send()
-            .await
-            .expect("post");
-        assert_eq!(r.status(), 204);
+        let q = event_query(camp.id, AD_UNIT, None);
+        assert_eq!(service.post(&format!("/event/impression?{q}")).await, 204);
     }
     assert_eq!(
         count(&db, "events").await,
         0,
         "held until shutdown: the timer is an hour"
     );
-    let killed = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(killed.success());
-    let out = tokio::task::spawn_blocking(move || child.wait_with_output())
-        .await
-        .expect("join")
-        .expect("wait");
-    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(service.sigterm(), Some(0));
     assert_eq!(count(&db, "events").await, 40);
     // Production logs are JSON lines; the drain report is one of them.
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = service.logs();
     let report = stderr
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
@@ -180,7 +172,11 @@ async fn migrations_adopt_a_database_the_node_service_already_uses() {
             .expect("migrate");
         assert!(status.success(), "migrate is idempotent");
     }
-    let app = TestApp::start_on(db_url.clone(), |_| {}).await;
+    let app = TestApp::builder()
+        .database(db_url.clone())
+        .unseeded()
+        .start()
+        .await;
     assert_eq!(app.post_event("impression", camp.id).await, 204);
     let (_, db) = app.shutdown().await;
     let (i, c): (i32, i32) = db

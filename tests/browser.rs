@@ -12,7 +12,6 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use ingest::config::AllowedOrigins;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Serves `html` at `/demo.html` to every request on `listener`.
@@ -114,10 +113,14 @@ async fn a_real_browser_fires_pixel_beacon_and_fetch_and_cors_is_enforced() {
         .expect("bind");
     let allowed_port = allowed_page.local_addr().expect("addr").port();
     let denied_port = denied_page.local_addr().expect("addr").port();
-    let app = TestApp::spawn_with(&camps, |c| {
-        c.allowed_origins = AllowedOrigins::parse(&format!("http://127.0.0.1:{allowed_port}"));
-    })
-    .await;
+    let app = TestApp::builder()
+        .campaigns(&camps)
+        .setting(
+            "ALLOWED_ORIGINS",
+            format!("http://127.0.0.1:{allowed_port}"),
+        )
+        .start()
+        .await;
     let html = std::fs::read_to_string("tests/browser/demo.html")
         .expect("demo page")
         .replace(

@@ -6,7 +6,6 @@ mod common;
 use std::io::Read;
 
 use common::*;
-use ingest::config::AllowedOrigins;
 use uuid::Uuid;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -215,10 +214,14 @@ async fn get_returns_the_pixel_and_records_head_records_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cors_allows_listed_origins_only() {
     let camps = campaigns(1, 1);
-    let app = TestApp::spawn_with(&camps, |c| {
-        c.allowed_origins = AllowedOrigins::parse("https://publisher.example,https://shop.example")
-    })
-    .await;
+    let app = TestApp::builder()
+        .campaigns(&camps)
+        .setting(
+            "ALLOWED_ORIGINS",
+            "https://publisher.example,https://shop.example",
+        )
+        .start()
+        .await;
     let url = app.url(&format!(
         "/event/impression?{}",
         event_query(camps[0].id, AD_UNIT, None)
@@ -306,7 +309,11 @@ async fn cors_allows_listed_origins_only() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wildcard_origins_answer_star() {
     let camps = campaigns(1, 1);
-    let app = TestApp::spawn_with(&camps, |c| c.allowed_origins = AllowedOrigins::parse("*")).await;
+    let app = TestApp::builder()
+        .campaigns(&camps)
+        .setting("ALLOWED_ORIGINS", "*")
+        .start()
+        .await;
     let url = app.url(&format!(
         "/event/click?{}",
         event_query(camps[0].id, AD_UNIT, None)
@@ -436,9 +443,11 @@ async fn unknown_paths_wrong_methods_and_bodies() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_database_events_are_accepted_spooled_and_health_is_degraded() {
-    let app =
-        TestApp::spawn_without_database(|c| c.shutdown_timeout = std::time::Duration::from_secs(5))
-            .await;
+    let app = TestApp::builder()
+        .without_database()
+        .setting("SHUTDOWN_TIMEOUT_MS", 5000)
+        .start()
+        .await;
     let campaign = Uuid::new_v4();
     for _ in 0..4 {
         assert_eq!(app.post_event("impression", campaign).await, 204);

@@ -184,7 +184,11 @@ async fn metrics_parse_and_count_exactly_what_was_sent() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn probes_report_liveness_and_readiness_through_shutdown() {
     let camps = campaigns(1, 1);
-    let app = TestApp::spawn_with(&camps, |c| c.shutdown_grace = Duration::from_millis(1500)).await;
+    let app = TestApp::builder()
+        .campaigns(&camps)
+        .setting("SHUTDOWN_GRACE_MS", 1500)
+        .start()
+        .await;
     let live = app.http.get(app.url("/livez")).send().await.expect("livez");
     assert_eq!(live.status(), 200);
     let body: serde_json::Value = live.json().await.expect("json");
@@ -238,7 +242,7 @@ async fn probes_report_liveness_and_readiness_through_shutdown() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_waits_for_the_database_and_liveness_does_not() {
-    let app = TestApp::spawn_without_database(|_| {}).await;
+    let app = TestApp::builder().without_database().start().await;
     for _ in 0..100 {
         if app.http.get(app.url("/livez")).send().await.is_ok() {
             break;

@@ -128,11 +128,12 @@ async fn mixed_events_land_as_exact_rows_and_aggregates() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
 async fn size_trigger_flushes_before_the_timer() {
     let camps = campaigns(1, 1);
-    let app = TestApp::spawn_with(&camps, |c| {
-        c.flush_interval = Duration::from_secs(3600);
-        c.flush_max_events = 25;
-    })
-    .await;
+    let app = TestApp::builder()
+        .campaigns(&camps)
+        .setting("FLUSH_INTERVAL_MS", 3_600_000)
+        .setting("FLUSH_MAX_EVENTS", 25)
+        .start()
+        .await;
     for _ in 0..24 {
         assert_eq!(app.post_event("impression", camps[0].id).await, 204);
     }
@@ -162,7 +163,11 @@ async fn size_trigger_flushes_before_the_timer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_timer_flushes_a_partial_batch() {
     let camps = campaigns(1, 1);
-    let app = TestApp::spawn_with(&camps, |c| c.flush_interval = Duration::from_millis(300)).await;
+    let app = TestApp::builder()
+        .campaigns(&camps)
+        .setting("FLUSH_INTERVAL_MS", 300)
+        .start()
+        .await;
     for _ in 0..3 {
         assert_eq!(app.post_event("impression", camps[0].id).await, 204);
     }
@@ -176,7 +181,11 @@ async fn the_timer_flushes_a_partial_batch() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_drains_every_buffered_event() {
     let camps = campaigns(2, 1);
-    let app = TestApp::spawn_with(&camps, |c| c.flush_interval = Duration::from_secs(3600)).await;
+    let app = TestApp::builder()
+        .campaigns(&camps)
+        .setting("FLUSH_INTERVAL_MS", 3_600_000)
+        .start()
+        .await;
     for i in 0..150 {
         let path = if i % 2 == 0 {
             "/event/impression"

@@ -5,17 +5,14 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::pg::PgCluster;
-use common::proxy::CommitCutter;
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-const BIN: &str = env!("CARGO_BIN_EXE_ingest");
 const AD_UNIT_2: &str = "0a4a4f0e-9a35-4c39-a6a1-1f8f26a0c0de";
 
 /// Sends events from `clients` concurrent clients until `stop`; returns the 2xx count.
@@ -68,12 +65,13 @@ fn load(
 async fn a_database_outage_under_load_loses_nothing_and_doubles_nothing() {
     let pg = PgCluster::start_new();
     let camps = campaigns(4, 2);
-    let app = TestApp::spawn_on(pg.url(), &camps, |c| {
-        c.connect_timeout = Duration::from_millis(500);
-        c.write_timeout = Duration::from_secs(2);
-        c.flush_interval = Duration::from_millis(200);
-    })
-    .await;
+    let app = TestApp::builder()
+        .database(pg.url())
+        .campaigns(&camps)
+        .setting("DB_CONNECT_TIMEOUT_MS", 500)
+        .setting("WRITE_TIMEOUT_MS", 2000)
+        .start()
+        .await;
     let stop = Arc::new(AtomicBool::new(false));
     let sender = load(app.url(""), camps.clone(), 4, stop.clone());
 
@@ -127,17 +125,14 @@ async fn a_database_outage_under_load_loses_nothing_and_doubles_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spool_left_by_sigkill_is_replayed_at_the_next_start_exactly_once() {
     let spool_dir = temp_dir("spool-kill");
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let dead_url = format!(
-        "postgres://postgres@127.0.0.1:{}/none",
-        dead.local_addr().expect("addr").port()
-    );
-    drop(dead);
     let camps = campaigns(3, 2);
 
     // 1. Database unreachable: events are accepted and spooled.
-    let (mut child, base) = spawn_binary(&dead_url, &spool_dir);
-    let http = reqwest::Client::new();
+    let mut service = TestApp::builder()
+        .without_database()
+        .spool_dir(&spool_dir)
+        .start_process()
+        .await;
     let n = 300u64;
     for i in 0..n as usize {
         let path = if i % 4 == 0 {
@@ -145,25 +140,18 @@ async fn a_spool_left_by_sigkill_is_replayed_at_the_next_start_exactly_once() {
         } else {
             "/event/impression"
         };
-        let r = http
-            .post(format!(
-                "{base}{path}?{}",
-                event_query(camps[i % 3].id, AD_UNIT, None)
-            ))
-            .send()
-            .await
-            .expect("post");
-        assert_eq!(r.status(), 204);
+        let q = event_query(camps[i % 3].id, AD_UNIT, None);
+        assert_eq!(service.post(&format!("{path}?{q}")).await, 204);
     }
-    let h = wait_health(&http, &base, Duration::from_secs(20), |h| {
-        h["spool"]["spooled_events"] == n
-    })
-    .await;
+    let h = service
+        .wait_health(Duration::from_secs(20), |h| {
+            h["spool"]["spooled_events"] == n
+        })
+        .await;
     assert_eq!(h["spool"]["spooled_events"], n, "{h}");
 
     // 2. SIGKILL, and a torn record at the tail as a crash mid-append leaves.
-    child.kill().expect("SIGKILL");
-    let _ = child.wait();
+    service.kill9();
     let mut segs: Vec<_> = std::fs::read_dir(&spool_dir)
         .expect("spool dir")
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -176,20 +164,24 @@ async fn a_spool_left_by_sigkill_is_replayed_at_the_next_start_exactly_once() {
     std::fs::write(last, torn).expect("append torn record");
 
     // 3. Start again with the database up: the spool is replayed.
-    let db_url = fresh_database().await;
-    prepare_database(&db_url, &camps).await;
-    let (mut child, base) = spawn_binary(&db_url, &spool_dir);
-    let h = wait_health(&http, &base, Duration::from_secs(30), |h| {
-        h["spool"]["bytes"] == 0 && h["spool"]["replayed_events"] == n
-    })
-    .await;
+    let mut service = TestApp::builder()
+        .campaigns(&camps)
+        .spool_dir(&spool_dir)
+        .start_process()
+        .await;
+    let h = service
+        .wait_health(Duration::from_secs(30), |h| {
+            h["spool"]["bytes"] == 0 && h["spool"]["replayed_events"] == n
+        })
+        .await;
     assert_eq!(h["spool"]["replayed_events"], n, "{h}");
     assert_eq!(
         h["spool"]["damaged_records"], 1,
         "the torn record is reported: {h}"
     );
     assert_eq!(h["spool"]["bytes"], 0);
-    sigterm(&mut child);
+    assert_eq!(service.sigterm(), Some(0));
+    let db_url = service.db_url.clone();
     let db = connect(&db_url).await;
     assert_eq!(count(&db, "events").await as u64, n);
     assert_eq!(aggregate_drift(&db).await, 0);
@@ -201,72 +193,34 @@ async fn a_spool_left_by_sigkill_is_replayed_at_the_next_start_exactly_once() {
     assert_eq!(clicks, 75);
 
     // 4. A third start replays nothing more.
-    let (mut child, base) = spawn_binary(&db_url, &spool_dir);
-    let _ = wait_health(&http, &base, Duration::from_secs(10), |h| {
-        h["pipeline"]["migrated"] == true
-    })
-    .await;
+    let mut service = TestApp::builder()
+        .database(db_url)
+        .unseeded()
+        .spool_dir(&spool_dir)
+        .start_process()
+        .await;
+    let _ = service
+        .wait_health(Duration::from_secs(10), |h| {
+            h["pipeline"]["migrated"] == true
+        })
+        .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    sigterm(&mut child);
+    assert_eq!(service.sigterm(), Some(0));
     assert_eq!(count(&db, "events").await as u64, n, "nothing twice");
-}
-
-fn spawn_binary(db_url: &str, spool_dir: &std::path::Path) -> (std::process::Child, String) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port();
-    let child = Command::new(BIN)
-        .env("DATABASE_URL", db_url)
-        .env("PORT", port.to_string())
-        .env("HOST", "127.0.0.1")
-        .env("SPOOL_DIR", spool_dir)
-        .env("FLUSH_INTERVAL_MS", "100")
-        .env("DB_CONNECT_TIMEOUT_MS", "300")
-        .env("LOG_LEVEL", "warn")
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start ingest");
-    let base = format!("http://127.0.0.1:{port}");
-    for _ in 0..200 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(25));
-    }
-    (child, base)
-}
-
-fn sigterm(child: &mut std::process::Child) {
-    let ok = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(ok.success());
-    let status = child.wait().expect("wait");
-    assert_eq!(status.code(), Some(0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_commit_acknowledgement_is_replayed_as_a_no_op() {
-    let admin = admin_url();
-    let db_url = fresh_database().await;
     let camps = campaigns(2, 1);
-    prepare_database(&db_url, &camps).await;
-    let upstream: std::net::SocketAddr = {
-        let cfg: tokio_postgres::Config = admin.parse().expect("url");
-        let port = cfg.get_ports().first().copied().unwrap_or(5432);
-        format!("127.0.0.1:{port}").parse().expect("addr")
-    };
-    let proxy = CommitCutter::start(upstream).await;
-    let db_name = db_url.rsplit('/').next().expect("db name").to_string();
-    let proxied = format!("postgres://postgres@127.0.0.1:{}/{db_name}", proxy.port);
-    let app = TestApp::start_on(proxied, |c| {
-        c.flush_interval = Duration::from_millis(100);
-        c.connect_timeout = Duration::from_millis(500);
-    })
-    .await;
-    proxy.arm();
+    let app = TestApp::builder()
+        .campaigns(&camps)
+        .through_proxy()
+        .setting("FLUSH_INTERVAL_MS", 100)
+        .setting("DB_CONNECT_TIMEOUT_MS", 500)
+        .start()
+        .await;
+    let proxy = app.proxy.as_ref().expect("proxy");
+    proxy.cut_next_commit();
     for i in 0..50 {
         assert_eq!(app.post_event("impression", camps[i % 2].id).await, 204);
     }
@@ -276,19 +230,14 @@ async fn a_lost_commit_acknowledgement_is_replayed_as_a_no_op() {
             && h["pipeline"]["buffered"] == 0
     })
     .await;
-    assert_eq!(
-        proxy.cuts.load(SeqCst),
-        1,
-        "one commit lost its acknowledgement"
-    );
+    assert_eq!(proxy.cuts(), 1, "one commit lost its acknowledgement");
     assert!(h["spool"]["replayed_batches"].as_u64() >= Some(1), "{h}");
     assert!(
         h["pipeline"]["duplicate_batches"].as_u64() >= Some(1),
         "the replay found the batch committed: {h}"
     );
-    let report = app.shutdown_report().await;
+    let (report, db) = app.shutdown().await;
     assert_eq!(report.unwritten, 0);
-    let db = connect(&db_url).await;
     assert_eq!(count(&db, "events").await, 50, "committed once, not twice");
     assert_eq!(aggregate_drift(&db).await, 0);
     let sum: i64 = db
@@ -302,13 +251,15 @@ async fn a_lost_commit_acknowledgement_is_replayed_as_a_no_op() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overload_with_nowhere_to_put_events_sheds_exactly_and_stays_under_the_cap() {
     let cap = 1000u64;
-    let app = TestApp::spawn_without_database(|c| {
-        c.max_buffered_events = cap;
-        c.spool_max_bytes = 0; // the spool refuses everything: "memory and spool both full"
-        c.flush_interval = Duration::from_millis(50);
-        c.shutdown_timeout = Duration::from_millis(500);
-    })
-    .await;
+    let app = TestApp::builder()
+        .without_database()
+        .setting("MAX_BUFFERED_EVENTS", cap)
+        .setting("FLUSH_INTERVAL_MS", 50)
+        .setting("SHUTDOWN_TIMEOUT_MS", 500)
+        // The spool refuses everything: "memory and spool both full".
+        .config(|c| c.spool_max_bytes = 0)
+        .start()
+        .await;
     let campaign = uuid::Uuid::new_v4();
     let (mut accepted, mut refused) = (0u64, 0u64);
     for _ in 0..3000 {
@@ -397,10 +348,11 @@ async fn raw_status(addr: std::net::SocketAddr, request: &[u8]) -> u16 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corpus_of_hostile_requests_gets_4xx_and_stores_nothing() {
     let camps = campaigns(1, 1);
-    let app = TestApp::spawn_with(&camps, |c| {
-        c.header_read_timeout = Duration::from_millis(300)
-    })
-    .await;
+    let app = TestApp::builder()
+        .campaigns(&camps)
+        .setting("HEADER_READ_TIMEOUT_MS", 300)
+        .start()
+        .await;
     let c = camps[0].id;
     let ok = format!("ad_unit_id={AD_UNIT}&campaign_id={c}&creative_id={CREATIVE}");
     let post = |target: String, extra: &str| {
@@ -474,13 +426,20 @@ async fn a_corpus_of_hostile_requests_gets_4xx_and_stores_nothing() {
 async fn two_replicas_on_one_database_sum_exactly() {
     let db_url = fresh_database().await;
     let camps = campaigns(2, 1);
-    let fast = |c: &mut ingest::config::Config| {
-        c.flush_interval = Duration::from_millis(30);
-        c.flush_max_events = 50;
-        c.writer_concurrency = 3;
+    let replica = |seeded: bool| {
+        let b = TestApp::builder()
+            .database(db_url.clone())
+            .setting("FLUSH_INTERVAL_MS", 30)
+            .setting("FLUSH_MAX_EVENTS", 50)
+            .setting("WRITER_CONCURRENCY", 3);
+        if seeded {
+            b.campaigns(&camps)
+        } else {
+            b.unseeded()
+        }
     };
-    let a = TestApp::spawn_on(db_url.clone(), &camps, fast).await;
-    let b = TestApp::start_on(db_url.clone(), fast).await;
+    let a = replica(true).start().await;
+    let b = replica(false).start().await;
     let stop = Arc::new(AtomicBool::new(false));
     // The same few keys from both replicas, so their upserts collide.
     let la = load(a.url(""), camps.clone(), 3, stop.clone());

@@ -33,11 +33,13 @@ async fn sslmode_require_and_verify_full_encrypt_and_store() {
         ("verify-full", format!("&sslrootcert={}", ca.display())),
     ] {
         let url = format!("{}?sslmode={mode}{extra}", pg.url());
-        let fast = |c: &mut ingest::config::Config| c.flush_interval = Duration::from_millis(100);
+        let builder = TestApp::builder()
+            .database(url)
+            .setting("FLUSH_INTERVAL_MS", 100);
         let app = if mode == "require" {
-            TestApp::spawn_on(url, &camps, fast).await
+            builder.campaigns(&camps).start().await
         } else {
-            TestApp::start_on(url, fast).await // same database, already seeded
+            builder.unseeded().start().await // same database, already seeded
         };
         let before = app.count("events").await;
         assert_eq!(app.post_event("impression", camps[0].id).await, 204);
@@ -67,7 +69,7 @@ async fn certificate_checks_refuse_what_libpq_would_refuse() {
 
     // verify-ca: the chain is enough, whatever name was used.
     let ok = format!("{by_name}?sslmode=verify-ca&sslrootcert={}", ca.display());
-    let app = TestApp::start_on(ok, |_| {}).await;
+    let app = TestApp::builder().database(ok).unseeded().start().await;
     let h = app.health().await.expect("health");
     assert_eq!(h["database"], "connected");
     drop(app);
@@ -108,21 +110,16 @@ async fn certificate_checks_refuse_what_libpq_would_refuse() {
 
 /// The service runs but cannot connect: events are accepted and spooled, never written.
 async fn assert_refused(url: String) {
-    let mut config = ingest::config::Config::with_database_url(url);
-    config.spool_dir = temp_dir("spool");
-    config.flush_interval = Duration::from_millis(100);
-    config.connect_timeout = Duration::from_millis(500);
-    config.shutdown_timeout = Duration::from_secs(3);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(ingest::serve(config, listener, async {
-        let _ = stopped.await;
-    }));
-    let http = reqwest::Client::new();
-    let base = format!("http://{addr}");
+    let app = TestApp::builder()
+        .database(url)
+        .unseeded()
+        .no_wait()
+        .setting("FLUSH_INTERVAL_MS", 100)
+        .setting("DB_CONNECT_TIMEOUT_MS", 500)
+        .setting("SHUTDOWN_TIMEOUT_MS", 3000)
+        .start()
+        .await;
+    let (http, base) = (app.http.clone(), app.url(""));
     let h = wait_health(&http, &base, Duration::from_secs(5), |h| {
         h["database"] == "disconnected"
     })
@@ -135,7 +132,6 @@ async fn assert_refused(url: String) {
         "a bad certificate never connects: {h}"
     );
     assert_eq!(h["pipeline"]["migrated"], false);
-    let _ = stop.send(());
-    let report = task.await.expect("join").expect("serve");
+    let report = app.shutdown_report().await;
     assert_eq!(report.unwritten, 0);
 }

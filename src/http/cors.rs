@@ -14,7 +14,8 @@ use hyper::header::{
 };
 use hyper::{Response, StatusCode};
 
-use super::response::{origin_not_allowed, Body};
+use super::response::Body;
+use super::Rejection;
 use crate::config::AllowedOrigins;
 
 const METHODS: HeaderValue = HeaderValue::from_static("GET, HEAD, POST, OPTIONS");
@@ -40,18 +41,19 @@ pub fn decorate(origins: &AllowedOrigins, request: &HeaderMap, response: &mut Re
     }
 }
 
-/// Answers an `OPTIONS` preflight.
-pub fn preflight(origins: &AllowedOrigins, request: &HeaderMap) -> Response<Body> {
+/// Answers an `OPTIONS` preflight: `204` with the allow headers, or a
+/// refusal for an origin that is not allowed.
+pub fn preflight(
+    origins: &AllowedOrigins,
+    request: &HeaderMap,
+) -> Result<Response<Body>, Rejection> {
     let origin = request.get(ORIGIN).and_then(|o| o.to_str().ok());
     let allowed = origin.and_then(|o| origins.allow(o));
-    let mut r = match (origin, allowed) {
-        (Some(_), None) => origin_not_allowed(),
-        _ => {
-            let mut r = Response::new(Body::default());
-            *r.status_mut() = StatusCode::NO_CONTENT;
-            r
-        }
-    };
+    if origin.is_some() && allowed.is_none() {
+        return Err(Rejection::OriginNotAllowed);
+    }
+    let mut r = Response::new(Body::default());
+    *r.status_mut() = StatusCode::NO_CONTENT;
     if allowed.is_some() {
         let h = r.headers_mut();
         h.insert(ACCESS_CONTROL_ALLOW_METHODS, METHODS);
@@ -67,5 +69,5 @@ pub fn preflight(origins: &AllowedOrigins, request: &HeaderMap) -> Response<Body
         );
     }
     decorate(origins, request, &mut r);
-    r
+    Ok(r)
 }

@@ -1,12 +1,10 @@
 //! `GET /health`: the Node service's fields plus latency and pipeline numbers.
 //!
-//! Reads counters and merges the per-thread histograms; never queries the
-//! database (the `database` field reflects the background probe and the last
-//! write), so it stays cheap enough to poll.
+//! Renders one [`Snapshot`] (the same one `/metrics` renders); never queries
+//! the database (the `database` field reflects the background probe and the
+//! last write). Every [`Counter`] appears at the place its declaration names.
 
 use std::io::Write;
-use std::sync::atomic::Ordering::Relaxed;
-use std::time::SystemTime;
 
 use bytes::Bytes;
 use flate2::{write::GzEncoder, Compression};
@@ -15,78 +13,76 @@ use hyper::{Response, StatusCode};
 use serde_json::{json, Map, Value};
 
 use super::response::{json as json_response, Body};
-use super::AppState;
+use crate::stats::{Counter, LatencySummary, Route, RouteHistograms, Snapshot};
 
-/// Builds the `/health` document.
-pub fn document(state: &AppState) -> Value {
-    let s = &state.stats;
-    let db_up = s.db_up.load(Relaxed);
-    let status = if state.shutting_down.load(Relaxed) {
-        "shutting_down"
-    } else if db_up {
-        "healthy"
-    } else {
-        "degraded"
-    };
-    let accepted = state.shards.recorded();
-    let stored = s.written.load(Relaxed)
-        + s.rejected_unknown_campaign.load(Relaxed)
-        + s.dead_lettered.load(Relaxed);
-    let mut latency = Map::new();
-    let mut recent = Map::new();
-    for (route, all, last_minute) in s.latency() {
-        latency.insert(
+/// Sets `doc[a][b]…` for the dotted `path`, creating objects on the way.
+fn put(doc: &mut Map<String, Value>, path: &str, v: Value) {
+    let mut keys = path.split('.').peekable();
+    let mut at = doc;
+    while let Some(k) = keys.next() {
+        if keys.peek().is_none() {
+            at.insert(k.to_string(), v);
+            return;
+        }
+        let next = at
+            .entry(k.to_string())
+            .or_insert_with(|| Value::Object(Map::new()));
+        if !next.is_object() {
+            *next = Value::Object(Map::new());
+        }
+        let Value::Object(m) = next else { return };
+        at = m;
+    }
+}
+
+fn latency(h: &RouteHistograms) -> Value {
+    let mut m = Map::new();
+    for route in Route::ALL {
+        m.insert(
             route.label().to_string(),
-            serde_json::to_value(all).unwrap_or(Value::Null),
-        );
-        recent.insert(
-            route.label().to_string(),
-            serde_json::to_value(last_minute).unwrap_or(Value::Null),
+            serde_json::to_value(LatencySummary::of(&h[route as usize])).unwrap_or(Value::Null),
         );
     }
-    let spool = json!({
-        "bytes": state.spool.bytes(),
-        "max_bytes": state.spool.max_bytes(),
-        "spooled_events": s.spooled_events.load(Relaxed),
-        "spooled_batches": s.spooled_batches.load(Relaxed),
-        "replayed_events": s.replayed_events.load(Relaxed),
-        "replayed_batches": s.replayed_batches.load(Relaxed),
-        "failures": s.spool_failures.load(Relaxed),
-        "damaged_records": s.spool_damaged_records.load(Relaxed),
-        "damaged_bytes": s.spool_damaged_bytes.load(Relaxed),
-    });
-    json!({
-        "spool": spool,
-        "status": status,
+    Value::Object(m)
+}
+
+/// Builds the `/health` document from one snapshot.
+pub fn document(s: &Snapshot) -> Value {
+    let w = &s.write_side;
+    let mut doc = Map::new();
+    let base = json!({
+        "status": s.status(),
         "service": "analytics-ingest",
-        "timestamp": humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
-        "database": if db_up { "connected" } else { "disconnected" },
-        "uptime": (s.started.elapsed().as_secs_f64() * 100.0).round() / 100.0,
-        "latency_us": latency,
-        "latency_us_last_60s": recent,
+        "timestamp": humantime::format_rfc3339_millis(s.at).to_string(),
+        "database": if s.db_up { "connected" } else { "disconnected" },
+        "uptime": (s.uptime.as_secs_f64() * 100.0).round() / 100.0,
+        "latency_us": latency(&s.latency),
+        "latency_us_last_60s": latency(&s.latency_recent),
         "pipeline": {
-            "accepted": accepted,
-            "rejected": s.rejected_invalid.load(Relaxed),
-            "shed": s.shed.load(Relaxed),
-            "dropped": { "buffer_full": s.dropped_buffer_full.load(Relaxed) },
-            "shedding": state.shards.is_shedding(),
-            "buffered": accepted.saturating_sub(stored),
-            "buffered_in_shards": state.shards.pending(),
-            "in_writer": s.in_writer.load(Relaxed),
-            "written": s.written.load(Relaxed),
-            "unknown_campaign": s.rejected_unknown_campaign.load(Relaxed),
-            "dead_lettered": s.dead_lettered.load(Relaxed),
-            "flushes": s.flushes.load(Relaxed),
-            "write_failures": s.write_failures.load(Relaxed),
-            "last_flush_duration_ms": s.last_flush_duration_us.load(Relaxed) as f64 / 1000.0,
-            "last_flush_events": s.last_flush_events.load(Relaxed),
-            "last_flush_age_ms": s.last_flush_age_ms.load(Relaxed),
-            "migrated": s.migrated.load(Relaxed),
-            "duplicate_batches": s.duplicate_batches.load(Relaxed),
-            "in_writer_bytes": s.in_writer_bytes.load(Relaxed),
-            "campaigns_cached": state.campaigns_cached(),
+            "accepted": s.shards.recorded,
+            "shedding": s.shards.shedding,
+            "buffered": s.pending(),
+            "buffered_in_shards": s.shards.pending,
+            "in_writer": s.in_writer,
+            "in_writer_bytes": s.in_writer_bytes,
+            "last_flush_duration_ms": s.last_flush_duration_us as f64 / 1000.0,
+            "last_flush_events": s.last_flush_events,
+            "last_flush_age_ms": s.last_flush_age_ms,
+            "migrated": s.migrated,
+            "campaigns_cached": w.campaigns_cached,
         },
-    })
+        "spool": {
+            "bytes": w.spool_bytes,
+            "max_bytes": w.spool_max_bytes,
+        },
+    });
+    if let Value::Object(m) = base {
+        doc = m;
+    }
+    for c in Counter::ALL {
+        put(&mut doc, c.info().health, s.counter(*c).into());
+    }
+    Value::Object(doc)
 }
 
 fn accepts_gzip(headers: &HeaderMap) -> bool {
@@ -108,8 +104,8 @@ fn accepts_gzip(headers: &HeaderMap) -> bool {
 }
 
 /// The `/health` response, gzipped when the client accepts it.
-pub fn respond(state: &AppState, request: &HeaderMap, with_body: bool) -> Response<Body> {
-    let body = document(state).to_string();
+pub fn respond(snapshot: &Snapshot, request: &HeaderMap) -> Response<Body> {
+    let body = document(snapshot).to_string();
     let mut r = if accepts_gzip(request) {
         let mut enc = GzEncoder::new(Vec::with_capacity(body.len() / 3), Compression::fast());
         match enc.write_all(body.as_bytes()).and_then(|_| enc.finish()) {
@@ -127,9 +123,6 @@ pub fn respond(state: &AppState, request: &HeaderMap, with_body: bool) -> Respon
     };
     r.headers_mut()
         .insert(VARY, HeaderValue::from_static("Accept-Encoding"));
-    if !with_body {
-        *r.body_mut() = Body::default();
-    }
     r
 }
 

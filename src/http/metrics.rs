@@ -1,13 +1,12 @@
 //! `GET /metrics`: Prometheus exposition through `prometheus-client`.
 //!
-//! Nothing on the request path updates a shared metric: a collector builds
-//! every family at scrape time from what the service already keeps (the
-//! per-thread request statistics, the pipeline atomics, the write-side
-//! histograms, the pool status). Histograms come from HDR histograms, so
-//! their buckets are exact to 3 significant digits. Names are listed in the
-//! README ("Metrics").
+//! Nothing on the request path updates a shared metric: every family is
+//! rendered from one [`Snapshot`] (the same one `/health` renders), and the
+//! pipeline counters come from the [`Counter`] table, so a new counter appears
+//! here without an edit. Histograms come from HDR histograms, so their
+//! buckets are exact to 3 significant digits. Names are listed in the README
+//! ("Metrics").
 
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -20,8 +19,7 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
 use super::response::Body;
-use super::AppState;
-use crate::stats::Route;
+use crate::stats::{Counter, Route, Snapshot};
 
 /// Request-duration buckets, seconds: fine from 1 µs to 50 ms (and beyond).
 const REQUEST_BUCKETS_S: &[f64] = &[
@@ -54,14 +52,14 @@ const FRESHNESS_BUCKETS_S: &[f64] = &[
     0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 6.0, 7.5, 10.0, 30.0, 60.0, 300.0,
 ];
 
-/// Builds the text on each scrape.
-struct IngestCollector {
-    state: Arc<AppState>,
+/// Encodes one snapshot.
+struct SnapshotCollector {
+    snap: Arc<Snapshot>,
 }
 
-impl std::fmt::Debug for IngestCollector {
+impl std::fmt::Debug for SnapshotCollector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("IngestCollector")
+        f.write_str("SnapshotCollector")
     }
 }
 
@@ -100,12 +98,50 @@ fn buckets(h: &Histogram<u64>, unit: f64, bounds: &[f64]) -> (f64, u64, Vec<(f64
     (sum, h.len(), out)
 }
 
-impl Collector for IngestCollector {
-    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), E> {
-        let state = &*self.state;
-        let s = &state.stats;
+/// A counter without labels: (family, help, value).
+type Plain = (&'static str, &'static str, u64);
+/// A labelled counter family: (family, (help, label key, [(label value, count)])).
+type Family = (
+    &'static str,
+    (&'static str, &'static str, Vec<(&'static str, u64)>),
+);
 
-        let (responses, rejected) = s.responses();
+/// The [`Counter`] table grouped into families, in declaration order; the
+/// refusals per code join `ingest_events_rejected`.
+fn counter_families(s: &Snapshot) -> (Vec<Plain>, Vec<Family>) {
+    let mut plain = Vec::new();
+    let mut labelled: Vec<Family> = Vec::new();
+    for c in Counter::ALL {
+        let info = c.info();
+        if info.family.is_empty() {
+            continue;
+        }
+        match info.label {
+            None => plain.push((info.family, info.help, s.counter(*c))),
+            Some((key, value)) => {
+                match labelled.iter_mut().find(|(name, _)| *name == info.family) {
+                    Some((_, (_, _, rows))) => rows.push((value, s.counter(*c))),
+                    None => {
+                        labelled.push((info.family, (info.help, key, vec![(value, s.counter(*c))])))
+                    }
+                }
+            }
+        }
+    }
+    if let Some((_, (_, _, rows))) = labelled
+        .iter_mut()
+        .find(|(name, _)| *name == "ingest_events_rejected")
+    {
+        rows.extend(s.rejected.iter().copied());
+        rows.sort();
+    }
+    (plain, labelled)
+}
+
+impl Collector for SnapshotCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), E> {
+        let s = &*self.snap;
+        let w = &s.write_side;
         {
             let mut m = enc.encode_descriptor(
                 "ingest_http_requests",
@@ -113,7 +149,7 @@ impl Collector for IngestCollector {
                 None,
                 MetricType::Counter,
             )?;
-            let mut rows: Vec<_> = responses.iter().collect();
+            let mut rows: Vec<_> = s.responses.iter().collect();
             rows.sort_by_key(|((r, st), _)| (*r as usize, *st));
             for ((route, status), n) in rows {
                 let labels = [
@@ -125,7 +161,6 @@ impl Collector for IngestCollector {
             }
         }
         {
-            let (all, _) = s.latency_histograms();
             let mut m = enc.encode_descriptor(
                 "ingest_http_request_duration_seconds",
                 "Server-side request duration, from the request head to the response",
@@ -133,7 +168,7 @@ impl Collector for IngestCollector {
                 MetricType::Histogram,
             )?;
             for route in Route::ALL {
-                let (sum, count, b) = buckets(&all[route as usize], 1e-9, REQUEST_BUCKETS_S);
+                let (sum, count, b) = buckets(&s.latency[route as usize], 1e-9, REQUEST_BUCKETS_S);
                 m.encode_family(&[("route", route.metric_label())])?
                     .encode_histogram::<NoLabelSet>(sum, count, &b, None)?;
             }
@@ -142,117 +177,64 @@ impl Collector for IngestCollector {
             &mut enc,
             "ingest_events_accepted",
             "Events accepted (acknowledged) since start",
-            state.shards.recorded(),
+            s.shards.recorded,
         )?;
-        {
-            let mut m = enc.encode_descriptor(
-                "ingest_events_rejected",
-                "Requests refused with a 4xx/503, by reason; unknown_campaign counts events stored in rejected_events",
-                None,
-                MetricType::Counter,
-            )?;
-            let mut reasons: Vec<(&str, u64)> = rejected.iter().map(|(k, v)| (*k, *v)).collect();
-            reasons.push((
-                "unknown_campaign",
-                s.rejected_unknown_campaign.load(Relaxed),
-            ));
-            reasons.sort();
-            for (reason, n) in reasons {
-                m.encode_family(&[("reason", reason)])?
+        let (plain, labelled) = counter_families(s);
+        for (name, (help, key, rows)) in labelled {
+            let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for (value, n) in rows {
+                m.encode_family(&[(key, value)])?
                     .encode_counter::<NoLabelSet, _, u64>(&n, None)?;
             }
         }
-        counter(
-            &mut enc,
-            "ingest_events_written",
-            "Events committed to the events table",
-            s.written.load(Relaxed),
-        )?;
-        counter(
-            &mut enc,
-            "ingest_events_dead_lettered",
-            "Events moved to rejected_events because the database refused their batch",
-            s.dead_lettered.load(Relaxed),
-        )?;
-        enc.encode_descriptor(
-            "ingest_events_dropped",
-            "GET pixel events answered but not kept, by reason",
-            None,
-            MetricType::Counter,
-        )?
-        .encode_family(&[("reason", "buffer_full")])?
-        .encode_counter::<NoLabelSet, _, u64>(&s.dropped_buffer_full.load(Relaxed), None)?;
-        let accepted = state.shards.recorded();
-        let stored = s.written.load(Relaxed)
-            + s.rejected_unknown_campaign.load(Relaxed)
-            + s.dead_lettered.load(Relaxed);
+        for (name, help, v) in plain {
+            counter(&mut enc, name, help, v)?;
+        }
         gauge(
             &mut enc,
             "ingest_events_buffered",
             "Events held in memory: in shards or in the writer, not yet committed or spooled",
-            (state.shards.pending() + s.in_writer.load(Relaxed)) as i64,
+            s.in_memory() as i64,
         )?;
         gauge(
             &mut enc,
             "ingest_events_pending",
             "Events accepted and not yet committed (in memory or in the spool)",
-            accepted.saturating_sub(stored) as i64,
+            s.pending() as i64,
         )?;
         gauge(
             &mut enc,
             "ingest_shedding",
             "1 while refusing events at the memory cap",
-            state.shards.is_shedding() as i64,
+            s.shards.shedding as i64,
         )?;
-        {
-            let w = s.write.lock().unwrap_or_else(|p| p.into_inner());
-            for (name, help, h, unit, bounds) in [
-                (
-                    "ingest_flush_duration_seconds",
-                    "Batch write time, claim to commit",
-                    &w.flush_us,
-                    1e-6,
-                    FLUSH_BUCKETS_S,
-                ),
-                (
-                    "ingest_flush_batch_events",
-                    "Events per committed batch",
-                    &w.batch_events,
-                    1.0,
-                    BATCH_BUCKETS,
-                ),
-                (
-                    "ingest_event_freshness_seconds",
-                    "Time from an event's receipt to its commit",
-                    &w.freshness_ms,
-                    1e-3,
-                    FRESHNESS_BUCKETS_S,
-                ),
-            ] {
-                let (sum, count, b) = buckets(h, unit, bounds);
-                enc.encode_descriptor(name, help, None, MetricType::Histogram)?
-                    .encode_histogram::<NoLabelSet>(sum, count, &b, None)?;
-            }
+        for (name, help, h, unit, bounds) in [
+            (
+                "ingest_flush_duration_seconds",
+                "Batch write time, claim to commit",
+                &s.write.flush_us,
+                1e-6,
+                FLUSH_BUCKETS_S,
+            ),
+            (
+                "ingest_flush_batch_events",
+                "Events per committed batch",
+                &s.write.batch_events,
+                1.0,
+                BATCH_BUCKETS,
+            ),
+            (
+                "ingest_event_freshness_seconds",
+                "Time from an event's receipt to its commit",
+                &s.write.freshness_ms,
+                1e-3,
+                FRESHNESS_BUCKETS_S,
+            ),
+        ] {
+            let (sum, count, b) = buckets(h, unit, bounds);
+            enc.encode_descriptor(name, help, None, MetricType::Histogram)?
+                .encode_histogram::<NoLabelSet>(sum, count, &b, None)?;
         }
-        counter(
-            &mut enc,
-            "ingest_flushes",
-            "Batches committed",
-            s.flushes.load(Relaxed),
-        )?;
-        counter(
-            &mut enc,
-            "ingest_write_failures",
-            "Batch write attempts that failed",
-            s.write_failures.load(Relaxed),
-        )?;
-        counter(
-            &mut enc,
-            "ingest_duplicate_batches",
-            "Batches found already committed in the ledger (lost acknowledgements, replays)",
-            s.duplicate_batches.load(Relaxed),
-        )?;
-        let pool = state.pool.status();
         {
             let mut m = enc.encode_descriptor(
                 "ingest_db_pool_connections",
@@ -260,93 +242,72 @@ impl Collector for IngestCollector {
                 None,
                 MetricType::Gauge,
             )?;
-            let in_use = pool.size.saturating_sub(pool.available) as i64;
+            let in_use = w.pool.size.saturating_sub(w.pool.idle) as i64;
             m.encode_family(&[("state", "in_use")])?
                 .encode_gauge(&in_use)?;
             m.encode_family(&[("state", "idle")])?
-                .encode_gauge(&(pool.available as i64))?;
+                .encode_gauge(&(w.pool.idle as i64))?;
         }
-        gauge(
-            &mut enc,
-            "ingest_db_pool_max",
-            "Database pool size limit",
-            pool.max_size as i64,
-        )?;
-        gauge(
-            &mut enc,
-            "ingest_db_pool_waiting",
-            "Tasks waiting for a pool connection",
-            pool.waiting as i64,
-        )?;
-        gauge(
-            &mut enc,
-            "ingest_database_up",
-            "1 while the database answers",
-            s.db_up.load(Relaxed) as i64,
-        )?;
-        gauge(
-            &mut enc,
-            "ingest_campaign_cache_size",
-            "Campaigns in the account cache",
-            state.accounts.len() as i64,
-        )?;
+        for (name, help, v) in [
+            (
+                "ingest_db_pool_max",
+                "Database pool size limit",
+                w.pool.max as i64,
+            ),
+            (
+                "ingest_db_pool_waiting",
+                "Tasks waiting for a pool connection",
+                w.pool.waiting as i64,
+            ),
+            (
+                "ingest_database_up",
+                "1 while the database answers",
+                s.db_up as i64,
+            ),
+            (
+                "ingest_campaign_cache_size",
+                "Campaigns in the account cache",
+                w.campaigns_cached as i64,
+            ),
+            (
+                "ingest_spool_bytes",
+                "Bytes in the on-disk spool",
+                w.spool_bytes as i64,
+            ),
+            (
+                "ingest_spool_max_bytes",
+                "Spool size cap",
+                w.spool_max_bytes as i64,
+            ),
+            (
+                "ingest_uptime_seconds",
+                "Seconds since start",
+                s.uptime.as_secs() as i64,
+            ),
+        ] {
+            gauge(&mut enc, name, help, v)?;
+        }
         counter(
             &mut enc,
             "ingest_campaign_cache_hits",
             "Campaign lookups served by the cache",
-            state.accounts.hits.load(Relaxed),
+            w.campaign_cache_hits,
         )?;
         counter(
             &mut enc,
             "ingest_campaign_cache_misses",
             "Campaign lookups that went to the database",
-            state.accounts.misses.load(Relaxed),
-        )?;
-        gauge(
-            &mut enc,
-            "ingest_spool_bytes",
-            "Bytes in the on-disk spool",
-            state.spool.bytes() as i64,
-        )?;
-        gauge(
-            &mut enc,
-            "ingest_spool_max_bytes",
-            "Spool size cap",
-            state.spool.max_bytes() as i64,
-        )?;
-        counter(
-            &mut enc,
-            "ingest_spooled_events",
-            "Events written to the spool",
-            s.spooled_events.load(Relaxed),
-        )?;
-        counter(
-            &mut enc,
-            "ingest_replayed_events",
-            "Spooled events committed by replay",
-            s.replayed_events.load(Relaxed),
-        )?;
-        counter(
-            &mut enc,
-            "ingest_spool_damaged_records",
-            "Damaged spool records reported and skipped",
-            s.spool_damaged_records.load(Relaxed),
-        )?;
-        gauge(
-            &mut enc,
-            "ingest_uptime_seconds",
-            "Seconds since start",
-            s.started.elapsed().as_secs() as i64,
+            w.campaign_cache_misses,
         )?;
         Ok(())
     }
 }
 
-/// The `/metrics` response.
-pub fn respond(state: &Arc<AppState>) -> Response<Body> {
+/// The `/metrics` response for one snapshot.
+pub fn respond(snapshot: Snapshot) -> Response<Body> {
     let mut registry = Registry::default();
-    registry.register_collector(Box::new(IngestCollector {
-        state: state.clone(),
+    registry.register_collector(Box::new(SnapshotCollector {
+        snap: Arc::new(snapshot),
     }));
     let mut text = String::with_capacity(16 * 1024);
     let result = prometheus_client::encoding::text::encode(&mut text, &registry);

@@ -1,4 +1,4 @@
-//! The hyper service: routing, CORS, the pixel, `/health`, errors → statuses.
+//! The hyper service: routing, CORS, the pixel, `/health`, refusals.
 //!
 //! | path | methods | does |
 //! |---|---|---|
@@ -11,12 +11,16 @@
 //! | `/livez`, `/readyz` | GET, HEAD | liveness (loops alive), readiness (ready to take traffic) |
 //!
 //! An event request is answered as soon as the event is in this thread's
-//! shard: nothing here awaits the database or any lock the write side holds.
+//! shard: nothing here awaits the database or any lock the write side holds,
+//! and nothing here imports the write side; what the operator views need to
+//! know about it comes through [`WriteSideStatus`]. Every refusal is a
+//! [`Rejection`].
 
 mod cors;
 mod health;
 mod metrics;
 mod probes;
+pub mod rejection;
 pub mod response;
 
 use std::convert::Infallible;
@@ -29,12 +33,11 @@ use hyper::body::{Body as _, Incoming};
 use hyper::header::USER_AGENT;
 use hyper::{Method, Request, Response};
 
-use crate::accounts::AccountCache;
 use crate::config::AllowedOrigins;
 use crate::event::{self, EventKind, Limits};
 use crate::shard::ShardSet;
-use crate::spool::Spool;
-use crate::stats::{RateLimitedLog, Route, Stats};
+use crate::stats::{Counter, RateLimitedLog, Route, Snapshot, Stats, WriteSideStatus};
+pub use rejection::Rejection;
 use response::Body;
 
 /// Bodies on the event endpoints are read and discarded up to this size
@@ -51,21 +54,24 @@ pub const MAX_HEADERS: usize = 100;
 pub struct AppState {
     pub shards: Arc<ShardSet>,
     pub stats: Arc<Stats>,
-    pub accounts: Arc<AccountCache>,
+    /// The spool, campaign cache and pool, as far as `/health`, `/metrics`
+    /// and `/readyz` need to know.
+    pub write_side: Arc<dyn WriteSideStatus>,
     pub origins: AllowedOrigins,
     pub limits: Limits,
     pub shutting_down: AtomicBool,
-    /// The spool, read for `/health` only.
-    pub spool: Arc<Spool>,
     /// One log line per second at most for pixels dropped while shedding.
     pub dropped_log: RateLimitedLog,
-    /// The connection pool, read for `/metrics` gauges only.
-    pub pool: deadpool_postgres::Pool,
 }
 
 impl AppState {
-    fn campaigns_cached(&self) -> usize {
-        self.accounts.len()
+    /// Everything the operator views show, read once.
+    pub fn snapshot(&self) -> Snapshot {
+        self.stats.snapshot(
+            self.shards.totals(),
+            self.write_side.status(),
+            self.shutting_down.load(Relaxed),
+        )
     }
 }
 
@@ -79,84 +85,144 @@ fn unix_ms(t: SystemTime) -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
+/// What a request asks for, from its method and path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Target {
+    /// An event endpoint with an event method (GET, POST), counted under `Route`.
+    Record(EventKind, Route),
+    /// HEAD on an event endpoint: validated, not recorded.
+    Validate(EventKind),
+    Preflight,
+    /// `/health`, `/metrics`, `/livez`, `/readyz` with GET (true) or HEAD (false).
+    View(&'static str, bool),
+    Refused(Rejection),
+}
+
+impl Target {
+    fn of(method: &Method, path: &str) -> (Route, Target) {
+        let kind = match path {
+            "/event/impression" => EventKind::Impression,
+            "/event/click" => EventKind::Click,
+            "/health" | "/metrics" | "/livez" | "/readyz" => {
+                let route = match path {
+                    "/health" => Route::Health,
+                    "/metrics" => Route::Metrics,
+                    _ => Route::Probe,
+                };
+                let view: &'static str = match path {
+                    "/health" => "/health",
+                    "/metrics" => "/metrics",
+                    "/livez" => "/livez",
+                    _ => "/readyz",
+                };
+                return match *method {
+                    Method::GET => (route, Target::View(view, true)),
+                    Method::HEAD => (route, Target::View(view, false)),
+                    _ => (
+                        route,
+                        Target::Refused(Rejection::MethodNotAllowed("GET, HEAD")),
+                    ),
+                };
+            }
+            _ => return (Route::Other, Target::Refused(Rejection::NotFound)),
+        };
+        match (method, kind) {
+            (&Method::POST, EventKind::Impression) => (
+                Route::PostImpression,
+                Target::Record(kind, Route::PostImpression),
+            ),
+            (&Method::POST, EventKind::Click) => {
+                (Route::PostClick, Target::Record(kind, Route::PostClick))
+            }
+            (&Method::GET, EventKind::Impression) => (
+                Route::GetImpression,
+                Target::Record(kind, Route::GetImpression),
+            ),
+            (&Method::GET, EventKind::Click) => {
+                (Route::GetClick, Target::Record(kind, Route::GetClick))
+            }
+            (&Method::HEAD, _) => (Route::HeadEvent, Target::Validate(kind)),
+            (&Method::OPTIONS, _) => (Route::OptionsEvent, Target::Preflight),
+            _ => (
+                Route::Other,
+                Target::Refused(Rejection::MethodNotAllowed("GET, HEAD, POST, OPTIONS")),
+            ),
+        }
+    }
+}
+
 /// Handles one request. Never fails: every problem is a response.
 pub async fn handle(
     state: Arc<AppState>,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let started = Instant::now();
-    let (route, response, rejected) = route(&state, req).await;
+    let (route, target) = Target::of(req.method(), req.uri().path());
+    let (response, refused) = respond(&state, target, req).await;
+    if let Some(r) = refused {
+        if matches!(target, Target::Record(..)) {
+            let counter = match r {
+                Rejection::Overloaded => Counter::Shed,
+                _ => Counter::RejectedInvalid,
+            };
+            state.stats.add(counter, 1);
+        }
+    }
+    // HEAD validates without recording: its refusals are not refused events.
+    let reason = refused
+        .filter(|r| r.refuses_event() && !matches!(target, Target::Validate(_)))
+        .map(|r| r.code());
     state
         .stats
-        .record_request(route, response.status().as_u16(), started, rejected);
+        .record_request(route, response.status().as_u16(), started, reason);
     Ok(response)
 }
 
-/// A response, the route it is counted under, and why the request was
-/// refused (the `reason` label of `ingest_events_rejected_total`), if it was.
-type Routed = (Route, Response<Body>, Option<&'static str>);
-
-async fn route(state: &Arc<AppState>, req: Request<Incoming>) -> Routed {
-    let path = req.uri().path();
-    let route_of_path = match path {
-        "/event/impression" | "/event/click" => Route::Other,
-        "/health" => Route::Health,
-        "/metrics" => Route::Metrics,
-        "/livez" | "/readyz" => Route::Probe,
-        _ => Route::Other,
-    };
+/// Size limits on the request head, checked before anything else.
+fn check_head(req: &Request<Incoming>) -> Result<(), Rejection> {
     if req.uri().path_and_query().map_or(0, |pq| pq.as_str().len()) > MAX_URI_BYTES {
-        return (
-            route_of_path,
-            response::uri_too_long(MAX_URI_BYTES),
-            Some("uri_too_long"),
-        );
+        return Err(Rejection::UriTooLong);
     }
     let headers = req.headers();
-    if headers.len() > MAX_HEADERS
-        || headers
-            .iter()
-            .map(|(k, v)| k.as_str().len() + v.len() + 4)
-            .sum::<usize>()
-            > MAX_HEADER_BYTES
-    {
-        let r = response::headers_too_large(MAX_HEADER_BYTES, MAX_HEADERS);
-        return (route_of_path, r, Some("headers_too_large"));
+    let bytes: usize = headers
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum();
+    if headers.len() > MAX_HEADERS || bytes > MAX_HEADER_BYTES {
+        return Err(Rejection::HeadersTooLarge);
     }
-    let kind = match path {
-        "/event/impression" => EventKind::Impression,
-        "/event/click" => EventKind::Click,
-        "/health" | "/metrics" | "/livez" | "/readyz" => {
-            let with_body = match *req.method() {
-                Method::GET => true,
-                Method::HEAD => false,
-                _ => {
-                    return (
-                        route_of_path,
-                        response::method_not_allowed("GET, HEAD"),
-                        None,
-                    )
-                }
+    Ok(())
+}
+
+/// The response, and the refusal it carries, if it is one.
+async fn respond(
+    state: &Arc<AppState>,
+    target: Target,
+    req: Request<Incoming>,
+) -> (Response<Body>, Option<Rejection>) {
+    let checked = check_head(&req).and(match target {
+        Target::Refused(r) => Err(r),
+        _ => Ok(()),
+    });
+    if let Err(r) = checked {
+        return (r.into_response(), Some(r));
+    }
+    match target {
+        Target::Record(kind, route) => {
+            let is_get = matches!(route, Route::GetImpression | Route::GetClick);
+            let (parts, body) = req.into_parts();
+            let outcome = match drain_body(body).await {
+                Ok(()) => record(state, kind, &parts, is_get),
+                Err(r) => Err(r),
             };
-            let mut r = match path {
-                "/health" => health::respond(state, req.headers(), with_body),
-                "/metrics" => metrics::respond(state),
-                "/livez" => probes::livez(state),
-                _ => probes::readyz(state),
+            let (mut response, refused) = match outcome {
+                Ok(r) => (r, None),
+                Err(r) => (r.into_response(), Some(r)),
             };
-            if !with_body {
-                *r.body_mut() = Body::default();
-            }
-            return (route_of_path, r, None);
+            cors::decorate(&state.origins, &parts.headers, &mut response);
+            (response, refused)
         }
-        _ => return (Route::Other, response::not_found(), None),
-    };
-    let route = match (req.method(), kind) {
-        (&Method::POST, EventKind::Impression) => Route::PostImpression,
-        (&Method::POST, EventKind::Click) => Route::PostClick,
-        (&Method::GET, EventKind::Impression) => Route::GetImpression,
-        (&Method::GET, EventKind::Click) => Route::GetClick,
-        (&Method::HEAD, _) => {
+        Target::Validate(kind) => {
             // Answers like GET (validation included) but records nothing.
             let received = unix_ms(SystemTime::now());
             let query = req.uri().query().unwrap_or("").as_bytes();
@@ -164,100 +230,87 @@ async fn route(state: &Arc<AppState>, req: Request<Incoming>) -> Routed {
                 event::parse_event(kind, query, received, &state.limits, &mut s.borrow_mut())
                     .map(|_| ())
             });
-            let mut r = match valid {
-                Ok(()) => response::pixel(false),
-                Err(e) => response::invalid(&e),
+            let (mut response, refused) = match valid {
+                Ok(()) => (response::pixel(false), None),
+                Err(e) => {
+                    let r = Rejection::Param(e);
+                    (r.into_response(), Some(r))
+                }
             };
-            cors::decorate(&state.origins, req.headers(), &mut r);
-            return (Route::HeadEvent, r, None);
+            cors::decorate(&state.origins, req.headers(), &mut response);
+            (response, refused)
         }
-        (&Method::OPTIONS, _) => {
-            return (
-                Route::OptionsEvent,
-                cors::preflight(&state.origins, req.headers()),
-                None,
-            )
+        Target::Preflight => match cors::preflight(&state.origins, req.headers()) {
+            Ok(r) => (r, None),
+            Err(r) => {
+                let mut response = r.into_response();
+                cors::decorate(&state.origins, req.headers(), &mut response);
+                (response, Some(r))
+            }
+        },
+        Target::View(view, with_body) => {
+            let mut r = match view {
+                "/health" => health::respond(&state.snapshot(), req.headers()),
+                "/metrics" => metrics::respond(state.snapshot()),
+                "/livez" => probes::livez(state),
+                _ => probes::readyz(state),
+            };
+            if !with_body {
+                *r.body_mut() = Body::default();
+            }
+            (r, None)
         }
-        _ => {
-            return (
-                Route::Other,
-                response::method_not_allowed("GET, HEAD, POST, OPTIONS"),
-                None,
-            )
-        }
-    };
-    let (r, rejected) = record(state, kind, req).await;
-    (route, r, rejected)
+        Target::Refused(r) => (r.into_response(), Some(r)),
+    }
 }
 
-/// Validates and records one event; the response carries CORS headers.
-async fn record(
+/// Validates and records one event.
+fn record(
     state: &AppState,
     kind: EventKind,
-    req: Request<Incoming>,
-) -> (Response<Body>, Option<&'static str>) {
-    let is_get = req.method() == Method::GET;
-    let (parts, body) = req.into_parts();
-    let (mut r, rejected) = match drain_body(body).await {
-        Err((r, reason)) => {
-            state.stats.rejected_invalid.fetch_add(1, Relaxed);
-            (r, Some(reason))
-        }
-        Ok(()) => {
-            let received = unix_ms(SystemTime::now());
-            let query = parts.uri.query().unwrap_or("").as_bytes();
-            let ua = parts
-                .headers
-                .get(USER_AGENT)
-                .map(|v| event::user_agent(v.as_bytes()));
-            SCRATCH.with(|scratch| {
-                let mut scratch = scratch.borrow_mut();
-                match event::parse_event(kind, query, received, &state.limits, &mut scratch) {
-                    Err(e) => {
-                        state.stats.rejected_invalid.fetch_add(1, Relaxed);
-                        (response::invalid(&e), Some(e.problem.code()))
-                    }
-                    Ok(ev) => match state.shards.record(&ev, ua.as_deref(), received) {
-                        Ok(()) if is_get => (response::pixel(true), None),
-                        Ok(()) => (response::accepted(), None),
-                        Err(refused) if is_get => {
-                            // The pixel still renders; the event is counted as dropped.
-                            state.stats.dropped_buffer_full.fetch_add(1, Relaxed);
-                            if state.dropped_log.allow() {
-                                tracing::warn!(
-                                    reason = %refused,
-                                    dropped_total = state.stats.dropped_buffer_full.load(Relaxed),
-                                    "dropping pixel events: buffers at their memory cap"
-                                );
-                            }
-                            (response::pixel(true), None)
-                        }
-                        Err(_) => {
-                            state.stats.shed.fetch_add(1, Relaxed);
-                            (response::overloaded(), Some("overloaded"))
-                        }
-                    },
+    parts: &hyper::http::request::Parts,
+    is_get: bool,
+) -> Result<Response<Body>, Rejection> {
+    let received = unix_ms(SystemTime::now());
+    let query = parts.uri.query().unwrap_or("").as_bytes();
+    let ua = parts
+        .headers
+        .get(USER_AGENT)
+        .map(|v| event::user_agent(v.as_bytes()));
+    SCRATCH.with(|scratch| {
+        let mut scratch = scratch.borrow_mut();
+        let ev = event::parse_event(kind, query, received, &state.limits, &mut scratch)?;
+        match state.shards.record(&ev, ua.as_deref(), received) {
+            Ok(()) if is_get => Ok(response::pixel(true)),
+            Ok(()) => Ok(response::accepted()),
+            Err(refused) if is_get => {
+                // The pixel still renders; the event is counted as dropped.
+                state.stats.add(Counter::DroppedBufferFull, 1);
+                if state.dropped_log.allow() {
+                    tracing::warn!(
+                        reason = %refused,
+                        dropped_total = state.stats.get(Counter::DroppedBufferFull),
+                        "dropping pixel events: buffers at their memory cap"
+                    );
                 }
-            })
+                Ok(response::pixel(true))
+            }
+            Err(_) => Err(Rejection::Overloaded),
         }
-    };
-    cors::decorate(&state.origins, &parts.headers, &mut r);
-    (r, rejected)
+    })
 }
 
 /// Reads and discards a request body, refusing bodies over [`MAX_BODY_BYTES`].
-async fn drain_body(body: Incoming) -> Result<(), (Response<Body>, &'static str)> {
+async fn drain_body(body: Incoming) -> Result<(), Rejection> {
     if body.is_end_stream() {
         return Ok(());
     }
     if body.size_hint().lower() > MAX_BODY_BYTES as u64 {
-        return Err((response::body_too_large(MAX_BODY_BYTES), "body_too_large"));
+        return Err(Rejection::BodyTooLarge);
     }
     match Limited::new(body, MAX_BODY_BYTES).collect().await {
         Ok(_) => Ok(()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            Err((response::body_too_large(MAX_BODY_BYTES), "body_too_large"))
-        }
-        Err(_) => Err((response::bad_body(), "bad_body")),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(Rejection::BodyTooLarge),
+        Err(_) => Err(Rejection::BadBody),
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! Liveness: the process answers, and the write side's loops are alive: the
 //! coordinator and the writer runtime each beat every second (also while
-//! waiting on back-pressure); a beat older than [`STALL`] means a loop is
+//! waiting on back-pressure); a beat older than [`STALL_MS`] means a loop is
 //! stuck, and a restart is the cure. Readiness: migrations ran and the campaign
 //! cache is loaded, and shutdown has not begun (readiness turns 503 at the
 //! signal, before the listener closes, so the load balancer stops sending
@@ -42,7 +42,7 @@ pub fn livez(state: &AppState) -> hyper::Response<Body> {
 pub fn readyz(state: &AppState) -> hyper::Response<Body> {
     let s = &state.stats;
     let migrated = s.migrated.load(Relaxed);
-    let cache = state.accounts.loaded.load(Relaxed);
+    let cache = state.write_side.status().campaign_cache_loaded;
     let shutting_down = state.shutting_down.load(Relaxed);
     let ready = migrated && cache && !shutting_down;
     let status = if ready {

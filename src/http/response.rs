@@ -1,14 +1,10 @@
-//! Fixed responses: the pixel GIF, 204s, and the JSON error bodies.
-//!
-//! Every error a client can cause maps to exactly one of these, with a stable
-//! `error` code and a fixed message.
+//! Fixed success responses: the pixel GIF, 204s, and JSON documents.
+//! Refusals are built in one place only: [`super::rejection`].
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::header::{HeaderValue, ALLOW, CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER};
+use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
 use hyper::{Response, StatusCode};
-
-use crate::event::ParamError;
 
 pub type Body = Full<Bytes>;
 
@@ -56,93 +52,10 @@ pub fn pixel(with_body: bool) -> Response<Body> {
     r
 }
 
-/// A JSON body `{"error": code, ...}` with the given status.
+/// A JSON document with the given status (health, probes).
 pub fn json(status: StatusCode, body: String) -> Response<Body> {
     let mut r = with_status(status, Body::new(Bytes::from(body)));
     r.headers_mut().insert(CONTENT_TYPE, JSON);
     r.headers_mut().insert(CACHE_CONTROL, NO_STORE);
     r
-}
-
-/// `400` naming the parameter at fault.
-pub fn invalid(e: &ParamError) -> Response<Body> {
-    json(
-        StatusCode::BAD_REQUEST,
-        format!(
-            r#"{{"error":"{}","parameter":"{}","message":"{}"}}"#,
-            e.problem.code(),
-            e.param.name(),
-            e.problem.message()
-        ),
-    )
-}
-
-pub fn not_found() -> Response<Body> {
-    json(
-        StatusCode::NOT_FOUND,
-        r#"{"error":"not_found","message":"no such endpoint"}"#.into(),
-    )
-}
-
-pub fn method_not_allowed(allow: &'static str) -> Response<Body> {
-    let mut r = json(
-        StatusCode::METHOD_NOT_ALLOWED,
-        format!(r#"{{"error":"method_not_allowed","message":"allowed methods: {allow}"}}"#),
-    );
-    r.headers_mut()
-        .insert(ALLOW, HeaderValue::from_static(allow));
-    r
-}
-
-pub fn body_too_large(limit: usize) -> Response<Body> {
-    json(
-        StatusCode::PAYLOAD_TOO_LARGE,
-        format!(
-            r#"{{"error":"body_too_large","message":"event endpoints take their data in the query string; bodies over {limit} bytes are refused"}}"#
-        ),
-    )
-}
-
-pub fn bad_body() -> Response<Body> {
-    json(
-        StatusCode::BAD_REQUEST,
-        r#"{"error":"bad_body","message":"the request body could not be read"}"#.into(),
-    )
-}
-
-/// `503` when the service cannot take more events right now.
-pub fn overloaded() -> Response<Body> {
-    let mut r = json(
-        StatusCode::SERVICE_UNAVAILABLE,
-        r#"{"error":"overloaded","message":"event buffer is full, retry later"}"#.into(),
-    );
-    r.headers_mut()
-        .insert(RETRY_AFTER, HeaderValue::from_static("1"));
-    r
-}
-
-pub fn origin_not_allowed() -> Response<Body> {
-    json(
-        StatusCode::FORBIDDEN,
-        r#"{"error":"origin_not_allowed","message":"this origin is not in ALLOWED_ORIGINS"}"#
-            .into(),
-    )
-}
-
-pub fn uri_too_long(limit: usize) -> Response<Body> {
-    json(
-        StatusCode::URI_TOO_LONG,
-        format!(
-            r#"{{"error":"uri_too_long","message":"request target longer than {limit} bytes"}}"#
-        ),
-    )
-}
-
-pub fn headers_too_large(bytes: usize, count: usize) -> Response<Body> {
-    json(
-        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-        format!(
-            r#"{{"error":"headers_too_large","message":"request headers over {bytes} bytes or {count} fields"}}"#
-        ),
-    )
 }

@@ -1,5 +1,6 @@
-//! Spool replay: feeds spooled batches back to the writer, oldest segment
-//! first, whenever the database is reachable, alongside live traffic.
+//! Spool replay: feeds spooled batches back through the one retry path,
+//! oldest segment first, whenever the database is reachable, alongside live
+//! traffic.
 //!
 //! A segment is deleted only after every batch read from it has committed
 //! (or was found already committed in the ledger), so a crash mid-replay
@@ -8,25 +9,24 @@
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::watch;
 
-use super::{backoff, PgWriter};
+use super::retry::{Delivery, KeepRetrying, Outcome};
+use super::PgWriter;
 use crate::spool::{read_segment, Spool};
-use crate::stats::Stats;
+use crate::stats::Counter;
 
 const IDLE_POLL: Duration = Duration::from_millis(250);
 
 /// Replays until `stop` turns true. Batches not yet replayed stay on disk.
 pub async fn run(
-    writer: Arc<PgWriter>,
+    delivery: Arc<Delivery<PgWriter, KeepRetrying>>,
     spool: Arc<Spool>,
-    stats: Arc<Stats>,
-    write_timeout: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
-    let failure_log = crate::stats::RateLimitedLog::new(Duration::from_secs(5));
+    let stats = delivery.stats.clone();
     loop {
         if *stop.borrow() {
             return;
@@ -56,10 +56,8 @@ pub async fn run(
             }
         };
         if let Some(d) = &contents.damage {
-            stats.spool_damaged_records.fetch_add(1, Relaxed);
-            stats
-                .spool_damaged_bytes
-                .fetch_add(d.skipped_bytes, Relaxed);
+            stats.add(Counter::SpoolDamagedRecords, 1);
+            stats.add(Counter::SpoolDamagedBytes, d.skipped_bytes);
             tracing::error!(
                 segment = %seg.path.display(),
                 offset = d.offset,
@@ -69,38 +67,21 @@ pub async fn run(
                 "damaged spool record: skipped from here to the end of the segment"
             );
         }
-        let events: u64 = contents.batches.iter().map(|b| b.len() as u64).sum();
-        for batch in &contents.batches {
-            let mut attempt = 0u32;
-            let mut streak = 0u32;
-            loop {
-                if *stop.borrow() {
-                    return;
-                }
-                let started = Instant::now();
-                match writer.attempt(batch, write_timeout, &mut streak).await {
-                    Ok(summary) => {
-                        stats.replayed_batches.fetch_add(1, Relaxed);
-                        writer.record_commit(batch, summary, started.elapsed(), true);
-                        break;
-                    }
-                    Err(e) => {
-                        attempt += 1;
-                        if failure_log.allow() {
-                            tracing::warn!(batch = %batch.id, attempt, error = %e, "spool replay write failed (logged every 5 s at most)");
-                        }
-                        tokio::select! {
-                            _ = tokio::time::sleep(backoff(attempt, batch.id)) => {}
-                            _ = stop.wait_for(|s| *s) => return,
-                        }
-                    }
-                }
+        let (batches, events) = (
+            contents.batches.len(),
+            contents.batches.iter().map(|b| b.len()).sum::<usize>(),
+        );
+        for batch in contents.batches {
+            match delivery.deliver(batch, &mut stop).await {
+                Outcome::Committed(_) => {}
+                // No fallback: only a stop ends delivery without a commit.
+                Outcome::HandedOff | Outcome::Stopped(_) => return,
             }
         }
-        if let Err(e) = spool.remove(&seg, events) {
+        if let Err(e) = spool.remove(&seg) {
             tracing::error!(segment = %seg.path.display(), error = %e, "cannot delete replayed segment");
         } else {
-            tracing::info!(segment = %seg.path.display(), batches = contents.batches.len(), events, "spool segment replayed");
+            tracing::info!(segment = %seg.path.display(), batches, events, "spool segment replayed");
         }
     }
 }

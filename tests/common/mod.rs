@@ -1,6 +1,8 @@
-//! One helper for every integration test: a fresh database, the real service
-//! on a random port, a real HTTP client, and a way to stop the service and
-//! read its drain report.
+//! One helper for every integration test: [`TestApp::builder`] gives the
+//! service under test its settings, a fresh database (migrated and seeded
+//! with campaigns) and optionally a fault proxy in front of PostgreSQL, then
+//! starts it in this process ([`TestApp`]: real HTTP on a random port, a
+//! drain report at shutdown) or as the real binary ([`TestProcess`]).
 //!
 //! Needs `TEST_DATABASE_URL` (an admin connection to a PostgreSQL server);
 //! `scripts/test.sh` starts a throw-away cluster and sets it.
@@ -15,6 +17,7 @@ use std::time::Duration;
 
 use ingest::config::Config;
 use ingest::DrainReport;
+pub use proxy::PgProxy;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_postgres::{Client, NoTls};
@@ -56,16 +59,6 @@ pub async fn fresh_database() -> String {
     }
 }
 
-/// The service under test.
-pub struct TestApp {
-    pub addr: SocketAddr,
-    pub db_url: String,
-    pub db: Client,
-    pub http: reqwest::Client,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<DrainReport>>,
-}
-
 /// A campaign with its account, as seeded.
 #[derive(Clone, Copy, Debug)]
 pub struct Campaign {
@@ -73,55 +66,150 @@ pub struct Campaign {
     pub account: Uuid,
 }
 
-impl TestApp {
-    /// Fresh database, migrated, `campaigns` seeded, service started with test
-    /// defaults (flush interval 200 ms) adjusted by `tune`.
-    pub async fn spawn_with(campaigns: &[Campaign], tune: impl FnOnce(&mut Config)) -> TestApp {
-        let db_url = fresh_database().await;
-        Self::spawn_on(db_url, campaigns, tune).await
+/// A direct adjustment of the config.
+type Tune = Box<dyn FnOnce(&mut Config) + Send>;
+
+/// Which database the service under test gets.
+enum Database {
+    /// A new, empty database on the test server (the default).
+    Fresh,
+    /// An existing database.
+    At(String),
+    /// A port where no database listens.
+    Unreachable,
+}
+
+/// Builds the service under test: its settings, its database (fresh by
+/// default, migrated and seeded with the campaigns), optionally a fault proxy
+/// in front of PostgreSQL; then starts it in this process ([`start`]) or as
+/// the real binary ([`start_process`]).
+///
+/// [`start`]: TestAppBuilder::start
+/// [`start_process`]: TestAppBuilder::start_process
+pub struct TestAppBuilder {
+    campaigns: Vec<Campaign>,
+    database: Database,
+    seed: bool,
+    settings: Vec<(String, String)>,
+    tune: Vec<Tune>,
+    proxy: bool,
+    spool_dir: Option<std::path::PathBuf>,
+    wait_ready: bool,
+}
+
+impl TestAppBuilder {
+    /// Returns as soon as the service listens, without waiting for the
+    /// database (for services that are expected never to reach it).
+    pub fn no_wait(mut self) -> Self {
+        self.wait_ready = false;
+        self
     }
 
-    /// Like `spawn_with`, on an existing (empty) database.
-    pub async fn spawn_on(
-        db_url: String,
-        campaigns: &[Campaign],
-        tune: impl FnOnce(&mut Config),
-    ) -> TestApp {
-        let mut config = Config::with_database_url(db_url.clone());
-        config.flush_interval = Duration::from_millis(200);
+    /// Campaigns to insert (with their accounts) before the service starts.
+    pub fn campaigns(mut self, campaigns: &[Campaign]) -> Self {
+        self.campaigns = campaigns.to_vec();
+        self
+    }
+
+    /// Runs on an existing database, migrated and seeded unless [`Self::unseeded`].
+    pub fn database(mut self, url: impl Into<String>) -> Self {
+        self.database = Database::At(url.into());
+        self
+    }
+
+    /// Leaves the database as it is: the service migrates it itself.
+    pub fn unseeded(mut self) -> Self {
+        self.seed = false;
+        self
+    }
+
+    /// Points the service at a port where no database listens.
+    pub fn without_database(mut self) -> Self {
+        self.database = Database::Unreachable;
+        self.seed = false;
+        self
+    }
+
+    /// A setting by its environment variable, as an operator sets it.
+    pub fn setting(mut self, name: &str, value: impl ToString) -> Self {
+        self.settings.push((name.to_string(), value.to_string()));
+        self
+    }
+
+    /// Adjusts the config directly (in-process services only).
+    pub fn config(mut self, f: impl FnOnce(&mut Config) + Send + 'static) -> Self {
+        self.tune.push(Box::new(f));
+        self
+    }
+
+    /// Puts a [`PgProxy`] between the service and PostgreSQL (`app.proxy`).
+    pub fn through_proxy(mut self) -> Self {
+        self.proxy = true;
+        self
+    }
+
+    /// The spool directory (default: a new temporary one).
+    pub fn spool_dir(mut self, dir: impl Into<std::path::PathBuf>) -> Self {
+        self.spool_dir = Some(dir.into());
+        self
+    }
+
+    /// The database (created, migrated and seeded as asked) and the URL the
+    /// service should use (through the proxy when there is one).
+    async fn prepare(&mut self) -> (String, String, Option<PgProxy>) {
+        let db_url = match &self.database {
+            Database::Fresh => fresh_database().await,
+            Database::At(url) => url.clone(),
+            Database::Unreachable => {
+                let dead = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+                let port = dead.local_addr().expect("addr").port();
+                format!("postgres://postgres@127.0.0.1:{port}/nothing")
+            }
+        };
+        if self.seed {
+            prepare_database(&db_url, &self.campaigns).await;
+        }
+        let proxy = if self.proxy {
+            Some(PgProxy::start(server_addr(&db_url)).await)
+        } else {
+            None
+        };
+        let service_url = proxy
+            .as_ref()
+            .map_or_else(|| db_url.clone(), |p| p.url_for(&db_url));
+        (db_url, service_url, proxy)
+    }
+
+    /// Starts the service in this process and, with a database, waits until
+    /// it has migrated and loaded its campaign cache. Test defaults: flush
+    /// every 200 ms (100 ms without a database), pool of 5, 10 s shutdown.
+    pub async fn start(mut self) -> TestApp {
+        let (db_url, service_url, proxy) = self.prepare().await;
+        let unreachable = matches!(self.database, Database::Unreachable);
+        let mut config = Config::with_database_url(service_url);
+        config.flush_interval = Duration::from_millis(if unreachable { 100 } else { 200 });
         config.pool_max = 5;
         config.shutdown_timeout = Duration::from_secs(10);
-        config.spool_dir = temp_dir("spool");
-        tune(&mut config);
-        prepare_database(&db_url, campaigns).await;
-        let db = connect(&db_url).await;
-        Self::start(db_url, db, config).await
-    }
-
-    /// Like `spawn_with`, with the test defaults unchanged.
-    pub async fn spawn(campaigns: &[Campaign]) -> TestApp {
-        Self::spawn_with(campaigns, |_| {}).await
-    }
-
-    /// The service on an existing database (no seeding, the service migrates it).
-    pub async fn start_on(db_url: String, tune: impl FnOnce(&mut Config)) -> TestApp {
-        let mut config = Config::with_database_url(db_url.clone());
-        config.flush_interval = Duration::from_millis(200);
-        config.pool_max = 5;
-        config.spool_dir = temp_dir("spool");
-        tune(&mut config);
-        let db = connect(&db_url).await;
-        Self::start(db_url, db, config).await
-    }
-
-    async fn start(db_url: String, db: Client, config: Config) -> TestApp {
-        let app = Self::launch(db_url, db, config).await;
-        app.wait_ready().await;
-        app
-    }
-
-    /// Binds a random port and runs the service on it.
-    async fn launch(db_url: String, db: Client, config: Config) -> TestApp {
+        if unreachable {
+            config.connect_timeout = Duration::from_millis(200);
+        }
+        let spool_dir = self.spool_dir.take().unwrap_or_else(|| temp_dir("spool"));
+        config.spool_dir = spool_dir.clone();
+        for (k, v) in &self.settings {
+            config
+                .set(k, v)
+                .unwrap_or_else(|e| panic!("test setting {k}={v}: {e}"));
+        }
+        for f in self.tune.drain(..) {
+            f(&mut config);
+        }
+        // Without a database `db` is a connection to the admin database.
+        let db = connect(&if unreachable {
+            admin_url()
+        } else {
+            db_url.clone()
+        })
+        .await;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -134,30 +222,114 @@ impl TestApp {
             .await
             .expect("serve")
         });
-        TestApp {
+        let app = TestApp {
             addr,
             db_url,
             db,
             http: reqwest::Client::new(),
+            proxy,
+            spool_dir,
             stop: Some(stop),
             task: Some(task),
+        };
+        if !unreachable && self.wait_ready {
+            app.wait_ready().await;
+        }
+        app
+    }
+
+    /// Starts the real binary with these settings as its environment (plus
+    /// `PORT`, `HOST`, `SPOOL_DIR`, `FLUSH_INTERVAL_MS=100`,
+    /// `DB_CONNECT_TIMEOUT_MS=300`, `LOG_LEVEL=warn` unless given) and waits
+    /// until it listens. Its stderr goes to a file ([`TestProcess::logs`]).
+    pub async fn start_process(mut self) -> TestProcess {
+        assert!(
+            self.tune.is_empty(),
+            "a process takes settings, not config closures"
+        );
+        let (db_url, service_url, proxy) = self.prepare().await;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let spool_dir = self.spool_dir.take().unwrap_or_else(|| temp_dir("spool"));
+        let log = temp_dir("log");
+        let mut env: Vec<(String, String)> = vec![
+            ("DATABASE_URL".into(), service_url),
+            ("PORT".into(), port.to_string()),
+            ("HOST".into(), "127.0.0.1".into()),
+            ("SPOOL_DIR".into(), spool_dir.display().to_string()),
+            ("FLUSH_INTERVAL_MS".into(), "100".into()),
+            ("DB_CONNECT_TIMEOUT_MS".into(), "300".into()),
+            ("LOG_LEVEL".into(), "warn".into()),
+        ];
+        for (k, v) in self.settings.drain(..) {
+            env.retain(|(name, _)| *name != k);
+            env.push((k, v));
+        }
+        let child = std::process::Command::new(BIN)
+            .envs(env)
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("start ingest");
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        TestProcess {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+            db_url,
+            http: reqwest::Client::new(),
+            proxy,
+            spool_dir,
+            log,
+        }
+    }
+}
+
+/// The `ingest` binary built for these tests.
+pub const BIN: &str = env!("CARGO_BIN_EXE_ingest");
+
+/// The address of the PostgreSQL server a URL points at.
+pub fn server_addr(url: &str) -> SocketAddr {
+    let cfg: tokio_postgres::Config = url.split('?').next().unwrap_or(url).parse().expect("url");
+    let port = cfg.get_ports().first().copied().unwrap_or(5432);
+    format!("127.0.0.1:{port}").parse().expect("addr")
+}
+
+/// The service under test, in this process.
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub db_url: String,
+    pub db: Client,
+    pub http: reqwest::Client,
+    /// The fault proxy in front of PostgreSQL, when asked for.
+    pub proxy: Option<PgProxy>,
+    pub spool_dir: std::path::PathBuf,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<DrainReport>>,
+}
+
+impl TestApp {
+    pub fn builder() -> TestAppBuilder {
+        TestAppBuilder {
+            campaigns: Vec::new(),
+            database: Database::Fresh,
+            seed: true,
+            settings: Vec::new(),
+            tune: Vec::new(),
+            proxy: false,
+            spool_dir: None,
+            wait_ready: true,
         }
     }
 
-    /// The service pointed at a port where no database listens.
-    pub async fn spawn_without_database(tune: impl FnOnce(&mut Config)) -> TestApp {
-        let dead = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let port = dead.local_addr().expect("addr").port();
-        drop(dead);
-        let db_url = format!("postgres://postgres@127.0.0.1:{port}/nothing");
-        let mut config = Config::with_database_url(db_url.clone());
-        config.connect_timeout = Duration::from_millis(200);
-        config.flush_interval = Duration::from_millis(100);
-        config.spool_dir = temp_dir("spool");
-        tune(&mut config);
-        // Nothing to query: `db` is a connection to the admin database.
-        let db = connect(&admin_url()).await;
-        Self::launch(db_url, db, config).await
+    /// A fresh database seeded with `campaigns`, the service with test defaults.
+    pub async fn spawn(campaigns: &[Campaign]) -> TestApp {
+        Self::builder().campaigns(campaigns).start().await
     }
 
     /// Waits until the service has loaded its campaign cache.
@@ -208,20 +380,16 @@ impl TestApp {
 
     /// Stops the service (as SIGTERM would) and returns its drain report.
     pub async fn shutdown(mut self) -> (DrainReport, Client) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        let report = self
-            .task
-            .take()
-            .expect("running")
-            .await
-            .expect("serve task");
+        let report = self.stop_and_report().await;
         (report, connect(&self.db_url).await)
     }
 
     /// Stops the service and returns its drain report only.
     pub async fn shutdown_report(mut self) -> DrainReport {
+        self.stop_and_report().await
+    }
+
+    async fn stop_and_report(&mut self) -> DrainReport {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -255,6 +423,68 @@ impl Drop for TestApp {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
+    }
+}
+
+/// The service under test as the real binary, in a child process.
+pub struct TestProcess {
+    pub child: std::process::Child,
+    /// `http://127.0.0.1:PORT`.
+    pub base: String,
+    pub db_url: String,
+    pub http: reqwest::Client,
+    pub proxy: Option<PgProxy>,
+    pub spool_dir: std::path::PathBuf,
+    log: std::path::PathBuf,
+}
+
+impl TestProcess {
+    /// Polls `/health` until `done` or `timeout`; returns the last document.
+    pub async fn wait_health(
+        &self,
+        timeout: Duration,
+        done: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        wait_health(&self.http, &self.base, timeout, done).await
+    }
+
+    /// POSTs an event query to `path` (`/event/impression`…); returns the status.
+    pub async fn post(&self, path_and_query: &str) -> u16 {
+        self.http
+            .post(format!("{}{path_and_query}", self.base))
+            .send()
+            .await
+            .expect("request")
+            .status()
+            .as_u16()
+    }
+
+    /// Sends SIGTERM and waits for the exit; returns the exit code.
+    pub fn sigterm(&mut self) -> Option<i32> {
+        let ok = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(ok.success());
+        self.child.wait().expect("wait").code()
+    }
+
+    /// Sends SIGKILL and reaps the process.
+    pub fn kill9(&mut self) {
+        self.child.kill().expect("SIGKILL");
+        let _ = self.child.wait();
+    }
+
+    /// What the process wrote to stderr so far.
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for TestProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

@@ -1,0 +1,146 @@
+//! Live delivery: every batch from the coordinator ends in exactly one of
+//! three places: committed to PostgreSQL, fsynced into the spool, or (only
+//! when the shutdown deadline hits while both are impossible) reported as
+//! unwritten in the drain report.
+//!
+//! Each batch goes through the one retry path ([`super::retry`]) with the
+//! spool as its fallback: a batch that fails to write goes to the spool at
+//! once, so memory is freed as soon as the data is safe on disk. If the spool
+//! cannot take it (full or failing), the batch stays in memory and is retried
+//! with backoff; the memory cap then makes the request side shed load.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::task::JoinSet;
+
+use super::retry::{Delivery, Fallback, Outcome};
+use super::PgWriter;
+use crate::batch::Batch;
+use crate::spool::Spool;
+use crate::stats::{Counter, RateLimitedLog, Stats};
+
+/// Events by outcome, for the drain report.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct DeliveryReport {
+    pub committed: u64,
+    pub spooled: u64,
+    pub unwritten: u64,
+}
+
+/// The spool as the live path's fallback: appends on a blocking thread.
+pub struct SpoolFallback {
+    spool: Arc<Spool>,
+    stats: Arc<Stats>,
+    spooled_log: RateLimitedLog,
+    failure_log: RateLimitedLog,
+}
+
+impl SpoolFallback {
+    pub fn new(spool: Arc<Spool>, stats: Arc<Stats>) -> Self {
+        SpoolFallback {
+            spool,
+            stats,
+            spooled_log: RateLimitedLog::new(Duration::from_secs(5)),
+            failure_log: RateLimitedLog::new(Duration::from_secs(5)),
+        }
+    }
+}
+
+impl Fallback for SpoolFallback {
+    async fn hand_off(&self, batch: Batch) -> Result<(), Batch> {
+        // Shared with the blocking task, so the batch comes back whatever
+        // happens there (even a panic, which drops the task's reference).
+        let batch = Arc::new(batch);
+        let (spool, shared) = (self.spool.clone(), batch.clone());
+        let appended = tokio::task::spawn_blocking(move || spool.append(&shared))
+            .await
+            .unwrap_or_else(|join| {
+                Err(crate::spool::SpoolError::Io(std::io::Error::other(
+                    join.to_string(),
+                )))
+            });
+        let batch = match Arc::try_unwrap(batch) {
+            Ok(b) => b,
+            // The task has ended, so its reference is gone; were it not,
+            // the append's result still stands.
+            Err(still_shared) => {
+                tracing::error!(batch = %still_shared.id, "spool task kept its batch");
+                return appended
+                    .map(|_| ())
+                    .map_err(|_| Batch::from_parts(Vec::new()));
+            }
+        };
+        match appended {
+            Ok(_) => {
+                self.stats.add(Counter::SpooledEvents, batch.len() as u64);
+                self.stats.add(Counter::SpooledBatches, 1);
+                if self.spooled_log.allow() {
+                    tracing::warn!(
+                        batch = %batch.id,
+                        events = batch.len(),
+                        spooled_events_total = self.stats.get(Counter::SpooledEvents),
+                        spool_bytes = self.spool.bytes(),
+                        "batches going to the spool (logged every 5 s at most)"
+                    );
+                }
+                Ok(())
+            }
+            Err(e) => {
+                self.stats.add(Counter::SpoolFailures, 1);
+                if self.failure_log.allow() {
+                    tracing::error!(batch = %batch.id, events = batch.len(), error = %e, "cannot spool batch; keeping it in memory");
+                }
+                Err(batch)
+            }
+        }
+    }
+}
+
+/// Receives batches and delivers up to `concurrency` at once. Ends when the
+/// channel is closed and every batch has an outcome; `abort` (the shutdown
+/// deadline) turns every remaining write into a spool attempt.
+pub async fn run(
+    delivery: Arc<Delivery<PgWriter, SpoolFallback>>,
+    mut batches: mpsc::Receiver<Batch>,
+    concurrency: usize,
+    abort: watch::Receiver<bool>,
+) -> DeliveryReport {
+    let permits = Arc::new(Semaphore::new(concurrency.max(1)));
+    let mut tasks: JoinSet<(Outcome, u64)> = JoinSet::new();
+    let mut report = DeliveryReport::default();
+    let absorb = |r: Result<(Outcome, u64), tokio::task::JoinError>,
+                  report: &mut DeliveryReport| match r {
+        Ok((Outcome::Committed(_), n)) => report.committed += n,
+        Ok((Outcome::HandedOff, n)) => report.spooled += n,
+        Ok((Outcome::Stopped(b), n)) => {
+            tracing::error!(batch = %b.id, events = n, "shutdown deadline: batch neither written nor spooled");
+            report.unwritten += n;
+        }
+        Err(e) => tracing::error!(error = %e, "delivery task failed"),
+    };
+    while let Some(batch) = batches.recv().await {
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            break;
+        };
+        let d = delivery.clone();
+        let mut abort = abort.clone();
+        tasks.spawn(async move {
+            let _permit = permit;
+            let (n, bytes) = (batch.len() as u64, batch.counted_bytes());
+            let outcome = d.deliver(batch, &mut abort).await;
+            d.stats.in_writer.fetch_sub(n, Relaxed);
+            d.stats.in_writer_bytes.fetch_sub(bytes, Relaxed);
+            (outcome, n)
+        });
+        while let Some(r) = tasks.try_join_next() {
+            absorb(r, &mut report);
+        }
+    }
+    while let Some(r) = tasks.join_next().await {
+        absorb(r, &mut report);
+    }
+    report
+}
