@@ -58,7 +58,7 @@ fn benches(c: &mut Criterion) {
             .expect("valid");
             shards.record(&ev, Some(UA), NOW).expect("room");
             // Swap as the coordinator would at the default size trigger.
-            if n % 20_000 == 0 {
+            if n.is_multiple_of(20_000) {
                 black_box(rt.block_on(shards.take_all(|_, _| {})));
             }
         })

@@ -146,6 +146,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         pool.clone(),
         Arc::new(AccountCache::new()),
         Arc::new(Stats::new()),
+        ingest::writer::Deadlines {
+            query: config.db_query_timeout,
+            migration: config.db_migration_timeout,
+        },
     );
     writer.ensure_ready().await?;
     let t = Instant::now();

@@ -357,6 +357,46 @@ impl Batch {
     pub fn counted_bytes(&self) -> u64 {
         self.parts.iter().map(Buffer::counted_bytes).sum()
     }
+
+    /// Copies `rows` into one buffer under `id`.
+    fn of_rows<'a>(id: Uuid, rows: impl Iterator<Item = Row<'a>>) -> Batch {
+        let mut b = Buffer::new();
+        for r in rows {
+            // The rows come from buffers that held them, so they fit again.
+            let _ = b.push(&r);
+        }
+        Batch::restore(id, vec![b])
+    }
+
+    /// The batch as two halves (the first `len / 2` rows, and the rest) whose
+    /// ids are derived from this one: the same batch always splits into the
+    /// same halves with the same ids, so each half is exactly-once in the
+    /// ledger however often the split is repeated. `None` for one row or none.
+    pub fn halves(&self) -> Option<(Batch, Batch)> {
+        if self.events < 2 {
+            return None;
+        }
+        let mid = self.events / 2;
+        let first = Batch::of_rows(Uuid::new_v5(&self.id, b"0"), self.rows().take(mid));
+        let second = Batch::of_rows(Uuid::new_v5(&self.id, b"1"), self.rows().skip(mid));
+        Some((first, second))
+    }
+
+    /// This batch as batches of at most `max_rows` rows (itself when it is
+    /// small enough; else copies under new ids, for live batches that have
+    /// not been written or spooled yet).
+    pub fn into_chunks(self, max_rows: usize) -> Vec<Batch> {
+        let max_rows = max_rows.max(1);
+        if self.events <= max_rows {
+            return vec![self];
+        }
+        let mut out = Vec::with_capacity(self.events.div_ceil(max_rows));
+        let mut rows = self.rows().peekable();
+        while rows.peek().is_some() {
+            out.push(Batch::of_rows(Uuid::new_v4(), rows.by_ref().take(max_rows)));
+        }
+        out
+    }
 }
 
 #[cfg(test)]
@@ -365,7 +405,7 @@ mod tests {
 
     fn row(i: usize, url: &str) -> Row<'_> {
         Row {
-            kind: if i % 4 == 0 {
+            kind: if i.is_multiple_of(4) {
                 EventKind::Click
             } else {
                 EventKind::Impression
@@ -376,7 +416,7 @@ mod tests {
             timestamp_ms: 1_700_000_000_000 + i as i64 * 1_000_000,
             received_ms: 1_700_000_000_000 + i as i64,
             page_url: url,
-            user_agent: (i % 3 == 0).then_some("ua/1"),
+            user_agent: i.is_multiple_of(3).then_some("ua/1"),
         }
     }
 
@@ -420,5 +460,60 @@ mod tests {
             batch.counted_bytes(),
             want.iter().map(Row::cost).sum::<u64>()
         );
+    }
+
+    fn sample(n: usize, urls: &[String]) -> Batch {
+        let mut b = Buffer::new();
+        for (i, u) in urls.iter().enumerate().take(n) {
+            b.push(&row(i, u)).expect("room");
+        }
+        Batch::from_parts(vec![b])
+    }
+
+    #[test]
+    fn halves_are_deterministic_and_keep_every_row_and_count() {
+        let urls: Vec<String> = (0..11).map(|i| format!("https://e.x/{i}")).collect();
+        let batch = sample(11, &urls);
+        let (a, b) = batch.halves().expect("two halves");
+        let (a2, b2) = batch.halves().expect("again");
+        assert_eq!((a.id, b.id), (a2.id, b2.id), "same ids every time");
+        assert_ne!(a.id, b.id);
+        assert_ne!(a.id, batch.id);
+        assert_eq!((a.len(), b.len()), (5, 6));
+        let rows: Vec<Row<'_>> = a.rows().chain(b.rows()).collect();
+        assert_eq!(rows, batch.rows().collect::<Vec<_>>());
+        let sum = |bs: &[&Batch]| {
+            let mut c = Counts::default();
+            for b in bs {
+                for (_, x) in b.aggregates() {
+                    c.add(*x);
+                }
+            }
+            c
+        };
+        assert_eq!(sum(&[&a, &b]), sum(&[&batch]));
+        let one = sample(1, &urls);
+        assert!(one.halves().is_none());
+    }
+
+    #[test]
+    fn chunks_hold_at_most_max_rows() {
+        let urls: Vec<String> = (0..10).map(|i| format!("https://e.x/{i}")).collect();
+        let batch = sample(10, &urls);
+        let id = batch.id;
+        let all: Vec<String> = batch.rows().map(|r| r.page_url.to_string()).collect();
+        let chunks = batch.into_chunks(4);
+        assert_eq!(chunks.iter().map(Batch::len).collect::<Vec<_>>(), [4, 4, 2]);
+        let again: Vec<String> = chunks
+            .iter()
+            .flat_map(|c| c.rows().map(|r| r.page_url.to_string()))
+            .collect();
+        assert_eq!(again, all);
+        let small = sample(3, &urls);
+        let small_id = small.id;
+        let same = small.into_chunks(4);
+        assert_eq!(same.len(), 1);
+        assert_eq!(same[0].id, small_id, "a small batch keeps its id");
+        assert_ne!(chunks[0].id, id);
     }
 }

@@ -113,6 +113,22 @@ pub struct Config {
     pub max_connections: usize,
     /// A client must send a complete request head within this (slow-loris guard).
     pub header_read_timeout: Duration,
+    /// A client must send a complete request body within this.
+    pub body_read_timeout: Duration,
+    /// Deadline for the probe, campaign lookups and cache reloads.
+    pub db_query_timeout: Duration,
+    /// Deadline for the migrations at start.
+    pub db_migration_timeout: Duration,
+    /// TCP keepalive idle time on database connections.
+    pub db_keepalive_idle: Duration,
+    /// `TCP_USER_TIMEOUT` on database connections.
+    pub db_tcp_user_timeout: Duration,
+    /// Rows per transaction at most; larger batches are written as several.
+    pub batch_max_rows: usize,
+    /// A second port for `/metrics`, `/livez`, `/readyz` (and `/health`); 0 = none.
+    pub admin_port: u16,
+    /// `/health` and `/metrics` are rendered at most this often.
+    pub view_cache: Duration,
 }
 
 /// How a setting's value is read.
@@ -339,6 +355,42 @@ pub const SETTINGS: &[Setting] = &[
         |c, v| c.connect_timeout = v,
     ),
     ms(
+        "DB_QUERY_TIMEOUT_MS",
+        "5000",
+        100,
+        600_000,
+        "milliseconds",
+        "deadline for the database probe, campaign lookups and cache reloads; a connection that misses it is closed",
+        |c, v| c.db_query_timeout = v,
+    ),
+    ms(
+        "DB_MIGRATION_TIMEOUT_MS",
+        "300000",
+        1000,
+        86_400_000,
+        "milliseconds",
+        "deadline for applying the migrations at start (retried after)",
+        |c, v| c.db_migration_timeout = v,
+    ),
+    ms(
+        "DB_KEEPALIVE_IDLE_MS",
+        "5000",
+        1000,
+        7_200_000,
+        "milliseconds",
+        "TCP keepalive on database connections: idle time before the first probe (then every half of it, 3 probes)",
+        |c, v| c.db_keepalive_idle = v,
+    ),
+    ms(
+        "DB_TCP_USER_TIMEOUT_MS",
+        "10000",
+        1000,
+        600_000,
+        "milliseconds",
+        "`TCP_USER_TIMEOUT` on database connections: unacknowledged data for this long closes the connection",
+        |c, v| c.db_tcp_user_timeout = v,
+    ),
+    ms(
         "SHUTDOWN_TIMEOUT_MS",
         "25000",
         0,
@@ -382,8 +434,17 @@ pub const SETTINGS: &[Setting] = &[
         100,
         3_600_000,
         "milliseconds",
-        "a batch write slower than this is abandoned and the batch spooled",
+        "deadline for one batch transaction (and a dead-letter write); a slower one is abandoned, its connection closed and the batch spooled",
         |c, v| c.write_timeout = v,
+    ),
+    int(
+        "BATCH_MAX_ROWS",
+        "50000",
+        100,
+        10_000_000,
+        "rows per transaction",
+        "rows per transaction at most; a larger flush or backlog is written as several ledgered transactions",
+        |c, v| c.batch_max_rows = v as usize,
     ),
     ms(
         "MAX_EVENT_FUTURE_MS",
@@ -468,6 +529,33 @@ pub const SETTINGS: &[Setting] = &[
         "time allowed for a complete request head",
         |c, v| c.header_read_timeout = v,
     ),
+    ms(
+        "BODY_READ_TIMEOUT_MS",
+        "10000",
+        100,
+        600_000,
+        "milliseconds",
+        "time allowed for a complete request body; slower gets `408` and the connection is closed",
+        |c, v| c.body_read_timeout = v,
+    ),
+    int(
+        "ADMIN_PORT",
+        "0",
+        0,
+        65_535,
+        "a TCP port number, or 0 for none",
+        "when set, `/metrics`, `/livez` and `/readyz` are served on this port only (with `/health`), and the main port keeps the events and `/health`",
+        |c, v| c.admin_port = v as u16,
+    ),
+    ms(
+        "VIEW_CACHE_MS",
+        "1000",
+        0,
+        60_000,
+        "milliseconds",
+        "`/health` and `/metrics` are rendered from one snapshot at most this often, however often they are asked",
+        |c, v| c.view_cache = v,
+    ),
     Setting {
         name: "RUST_LOG",
         default: None,
@@ -509,6 +597,14 @@ impl Config {
             max_buffered_bytes: 0,
             max_connections: 0,
             header_read_timeout: Duration::ZERO,
+            body_read_timeout: Duration::ZERO,
+            db_query_timeout: Duration::ZERO,
+            db_migration_timeout: Duration::ZERO,
+            db_keepalive_idle: Duration::ZERO,
+            db_tcp_user_timeout: Duration::ZERO,
+            batch_max_rows: 0,
+            admin_port: 0,
+            view_cache: Duration::ZERO,
         }
     }
 

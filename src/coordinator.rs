@@ -24,6 +24,8 @@ pub struct Coordinator {
     stats: Arc<Stats>,
     batches: mpsc::Sender<Batch>,
     interval: Duration,
+    /// Rows per batch at most (`BATCH_MAX_ROWS`).
+    max_rows: usize,
 }
 
 impl Coordinator {
@@ -32,17 +34,21 @@ impl Coordinator {
         stats: Arc<Stats>,
         batches: mpsc::Sender<Batch>,
         interval: Duration,
+        max_rows: usize,
     ) -> Self {
         Coordinator {
             shards,
             stats,
             batches,
             interval,
+            max_rows,
         }
     }
 
-    /// Runs until `stop` turns true, then flushes what is left and returns.
-    /// Beats every second (see `/livez`).
+    /// Runs until `stop` turns true, then closes the shards (a request still
+    /// running is refused from here on, never acknowledged into a buffer
+    /// nobody flushes), flushes what is left and returns. Beats every second
+    /// (see `/livez`).
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
         let mut next = tokio::time::Instant::now() + self.interval;
         loop {
@@ -53,10 +59,10 @@ impl Coordinator {
                 _ = tokio::time::sleep(BEAT) => continue,
                 _ = stop.wait_for(|s| *s) => break,
             }
-            self.flush().await;
+            self.flush(false).await;
             next = tokio::time::Instant::now() + self.interval;
         }
-        self.flush().await;
+        self.flush(true).await;
     }
 
     fn beat(&self) {
@@ -65,22 +71,32 @@ impl Coordinator {
             .store(self.stats.now_ms(), Relaxed);
     }
 
-    /// Swaps all shards out and queues their contents as one batch.
-    pub async fn flush(&self) {
+    /// Swaps all shards out (closing them when `last`) and queues their
+    /// contents as batches of at most `max_rows` rows.
+    pub async fn flush(&self, last: bool) {
         let stats = &self.stats;
         // Counted as the writer's as each shard is taken (before the shard
         // stops counting it), and handed back by the writer when done.
-        let parts = self
-            .shards
-            .take_all(|events, bytes| {
-                stats.in_writer.fetch_add(events, SeqCst);
-                stats.in_writer_bytes.fetch_add(bytes, SeqCst);
-            })
-            .await;
+        let count = |events, bytes| {
+            stats.in_writer.fetch_add(events, SeqCst);
+            stats.in_writer_bytes.fetch_add(bytes, SeqCst);
+        };
+        let parts = if last {
+            self.shards.close_and_take_all(count).await
+        } else {
+            self.shards.take_all(count).await
+        };
         let batch = Batch::from_parts(parts);
         if batch.is_empty() {
             return;
         }
+        for batch in batch.into_chunks(self.max_rows) {
+            self.send(batch).await;
+        }
+    }
+
+    /// Queues one batch for the writer, beating while it waits.
+    async fn send(&self, batch: Batch) {
         let (n, bytes) = (batch.len() as u64, batch.counted_bytes());
         // Waiting for the writer (back-pressure) is alive, not stuck: keep beating.
         let send = self.batches.send(batch);

@@ -42,6 +42,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "metrics_fillfactor",
         sql: include_str!("../migrations/V4__metrics_fillfactor.sql"),
     },
+    Migration {
+        version: 5,
+        name: "ledger_split",
+        sql: include_str!("../migrations/V5__ledger_split.sql"),
+    },
 ];
 
 /// Advisory lock key for migrations ("ingest" in ASCII).
@@ -57,8 +62,10 @@ pub enum DbError {
     Pool(String),
     #[error("database unavailable: {0}")]
     Unavailable(#[from] deadpool_postgres::PoolError),
-    #[error("database error: {0}")]
+    #[error("database error: {}", describe(.0))]
     Query(#[from] tokio_postgres::Error),
+    #[error("{0} did not finish within {1:?}")]
+    Timeout(&'static str, Duration),
     #[error("migration {version} ({name}) was changed after it was applied (checksum {found}, expected {expected})")]
     MigrationChanged {
         version: i32,
@@ -68,17 +75,50 @@ pub enum DbError {
     },
 }
 
-/// Builds the pool (lazy: no connection is made until first use).
-pub fn pool(config: &Config) -> Result<Pool, DbError> {
-    let (url, tls) = crate::tls::split_url(config.database_url.expose())?;
-    let connector = crate::tls::connector(&tls)?;
+/// Session options the service needs, added to the operator's own.
+const SESSION_OPTIONS: &str = "-c TimeZone=UTC";
+
+/// The connection settings from `DATABASE_URL` plus the service's: a
+/// connect deadline, `TimeZone=UTC` added to (never in place of) the URL's
+/// `options`, and TCP keepalive and `TCP_USER_TIMEOUT` so a dead peer is
+/// noticed in seconds even on an idle connection (each unless the URL sets it).
+pub fn pg_config(config: &Config) -> Result<(tokio_postgres::Config, crate::tls::TlsSettings), DbError> {
+    let raw = config.database_url.expose();
+    let (url, tls) = crate::tls::split_url(raw)?;
     let mut pg: tokio_postgres::Config = url.parse().map_err(DbError::Url)?;
-    pg.connect_timeout(config.connect_timeout);
+    if pg.get_connect_timeout().is_none() {
+        pg.connect_timeout(config.connect_timeout);
+    }
     // `timestamp` columns hold UTC wall-clock time, and so does `created_at`'s default.
-    pg.options("-c TimeZone=UTC");
+    let options = match pg.get_options() {
+        Some(o) if !o.trim().is_empty() => format!("{o} {SESSION_OPTIONS}"),
+        _ => SESSION_OPTIONS.to_string(),
+    };
+    pg.options(options);
     if pg.get_application_name().is_none() {
         pg.application_name("ingest");
     }
+    let set_in_url = |key: &str| url.contains(&format!("{key}="));
+    pg.keepalives(true);
+    if !set_in_url("keepalives_idle") {
+        pg.keepalives_idle(config.db_keepalive_idle);
+    }
+    if !set_in_url("keepalives_interval") {
+        pg.keepalives_interval((config.db_keepalive_idle / 2).max(Duration::from_secs(1)));
+    }
+    if !set_in_url("keepalives_retries") {
+        pg.keepalives_retries(3);
+    }
+    if pg.get_tcp_user_timeout().is_none() {
+        pg.tcp_user_timeout(config.db_tcp_user_timeout);
+    }
+    Ok((pg, tls))
+}
+
+/// Builds the pool (lazy: no connection is made until first use).
+pub fn pool(config: &Config) -> Result<Pool, DbError> {
+    let (pg, tls) = pg_config(config)?;
+    let connector = crate::tls::connector(&tls)?;
     let manager = Manager::from_config(
         pg,
         connector,
@@ -101,6 +141,85 @@ pub fn reap_idle(pool: &Pool, idle: Duration) {
     pool.retain(|_, metrics| metrics.last_used() < idle);
 }
 
+/// A pooled connection that goes back to the pool only when [`Conn::release`]d
+/// after a clean use. Dropped any other way (an error, or a deadline that
+/// cancelled the future holding it) it is closed, never handed out again:
+/// a connection that missed a deadline may be stuck mid-statement or behind
+/// a dead network path. The idle connections are closed with it, since
+/// they most likely share its fate (a partition, a failover).
+pub struct Conn {
+    obj: std::mem::ManuallyDrop<deadpool_postgres::Object>,
+    pool: Pool,
+    keep: bool,
+}
+
+impl Conn {
+    /// A connection from the pool (waits at most the pool's wait/connect timeout).
+    pub async fn get(pool: &Pool) -> Result<Conn, deadpool_postgres::PoolError> {
+        let obj = pool.get().await?;
+        Ok(Conn {
+            obj: std::mem::ManuallyDrop::new(obj),
+            pool: pool.clone(),
+            keep: false,
+        })
+    }
+
+    /// Gives the connection back to the pool for reuse.
+    pub fn release(mut self) {
+        self.keep = true;
+    }
+}
+
+impl std::ops::Deref for Conn {
+    type Target = deadpool_postgres::ClientWrapper;
+    fn deref(&self) -> &Self::Target {
+        &self.obj
+    }
+}
+
+impl std::ops::DerefMut for Conn {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.obj
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        // SAFETY: `obj` is taken exactly once, here, and never used after.
+        let obj = unsafe { std::mem::ManuallyDrop::take(&mut self.obj) };
+        if self.keep {
+            drop(obj); // back to the pool
+        } else {
+            // Out of the pool for good; dropping the client closes the socket.
+            drop(deadpool_postgres::Object::take(obj));
+            self.pool.retain(|_, _| false);
+        }
+    }
+}
+
+/// Runs `f` within `limit`; a miss is [`DbError::Timeout`] naming `what`.
+pub async fn within<T>(
+    limit: Duration,
+    what: &'static str,
+    f: impl std::future::Future<Output = Result<T, DbError>>,
+) -> Result<T, DbError> {
+    tokio::time::timeout(limit, f)
+        .await
+        .unwrap_or(Err(DbError::Timeout(what, limit)))
+}
+
+/// A database error with its SQLSTATE and the server's message (tokio-postgres
+/// alone prints only "db error").
+pub fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("SQLSTATE {}: {}", db.code().code(), db.message()),
+        None => match std::error::Error::source(e) {
+            Some(src) => format!("{e}: {src}"),
+            None => e.to_string(),
+        },
+    }
+}
+
 fn checksum(sql: &str) -> String {
     // FNV-1a 64: stable across builds and platforms, enough to spot an edit.
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -113,7 +232,7 @@ fn checksum(sql: &str) -> String {
 
 /// Applies every pending migration; returns the versions applied now.
 pub async fn migrate(pool: &Pool) -> Result<Vec<i32>, DbError> {
-    let mut client = pool.get().await?;
+    let mut client = Conn::get(pool).await?;
     let tx = client.transaction().await?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
         .await?;
@@ -158,5 +277,6 @@ pub async fn migrate(pool: &Pool) -> Result<Vec<i32>, DbError> {
         }
     }
     tx.commit().await?;
+    client.release();
     Ok(applied)
 }

@@ -95,7 +95,11 @@ pub struct DrainReport {
     /// Events accepted and neither committed nor spooled (0 unless the
     /// deadline hit with the database down and the spool unusable).
     pub unwritten: u64,
-    /// Time from the shutdown signal to the end of the drain.
+    /// Event requests answered 503 because they came after the shards closed.
+    pub refused_at_shutdown: u64,
+    /// Client connections still open when the connection drain ended.
+    pub connections_left: usize,
+    /// Time from closing the listener to the end of the drain.
     pub took: Duration,
 }
 
@@ -103,15 +107,22 @@ pub struct DrainReport {
 pub enum ServeError {
     #[error(transparent)]
     Db(#[from] db::DbError),
-    #[error("cannot open the spool in {dir}: {source} (set SPOOL_DIR to a writable directory)")]
-    Spool { dir: String, source: std::io::Error },
+    #[error("cannot open the spool in {dir}: {source} (set SPOOL_DIR to a writable directory of this process's own)")]
+    Spool {
+        dir: String,
+        source: spool::OpenError,
+    },
     #[error("cannot start the writer thread: {0}")]
     WriteSide(std::io::Error),
+    #[error("cannot listen on ADMIN_PORT ({0}): {1}")]
+    Admin(String, std::io::Error),
 }
 
 /// Runs the service on `listener` until `shutdown` resolves, then drains:
-/// stop accepting, finish in-flight requests, flush every shard and wait for
-/// the commits (or the spool), all within `config.shutdown_timeout`.
+/// serve through `SHUTDOWN_GRACE_MS`, stop accepting, let in-flight requests
+/// finish (half of `SHUTDOWN_TIMEOUT_MS` at most), close the shards and flush
+/// them, and wait for the commits (or the spool) until the timeout. Every
+/// wait is bounded.
 ///
 /// The database does not have to be up at start: events are accepted at once
 /// and spooled; migrations, the account cache, the writes and the replay of
@@ -134,8 +145,20 @@ pub async fn serve(
     }
     let stats = Arc::new(Stats::new());
     let accounts = Arc::new(AccountCache::new());
-    let shards = Arc::new(ShardSet::new(config.flush_max_events));
-    let writer = Arc::new(PgWriter::new(pool.clone(), accounts.clone(), stats.clone()));
+    let shards = Arc::new(ShardSet::with_cap(
+        config.flush_max_events,
+        config.max_buffered_events,
+    ));
+    let deadlines = writer::Deadlines {
+        query: config.db_query_timeout,
+        migration: config.db_migration_timeout,
+    };
+    let writer = Arc::new(PgWriter::new(
+        pool.clone(),
+        accounts.clone(),
+        stats.clone(),
+        deadlines,
+    ));
     let status = Arc::new(write_side::Status {
         spool: spool.clone(),
         accounts,
@@ -151,6 +174,17 @@ pub async fn serve(
     .start()
     .map_err(ServeError::WriteSide)?;
 
+    let admin = match config.admin_port {
+        0 => None,
+        port => {
+            let addr = format!("{}:{port}", config.host);
+            Some(
+                TcpListener::bind(&addr)
+                    .await
+                    .map_err(|e| ServeError::Admin(addr, e))?,
+            )
+        }
+    };
     let state = Arc::new(AppState {
         shards: shards.clone(),
         stats: stats.clone(),
@@ -160,18 +194,21 @@ pub async fn serve(
             max_future_ms: config.max_future.as_millis() as i64,
             max_age_ms: config.max_age.as_millis() as i64,
         },
+        body_read_timeout: config.body_read_timeout,
         shutting_down: AtomicBool::new(false),
         dropped_log: RateLimitedLog::new(Duration::from_secs(1)),
+        views: http::ViewCache::new(config.view_cache),
+        admin_port: admin.is_some(),
     });
 
-    // Phase 1: serve until told to stop; the deadline starts at the signal.
-    let (signal_tx, signal_rx) = tokio::sync::oneshot::channel::<Instant>();
+    // Phase 1: serve until told to stop, then through the grace period
+    // (readiness already 503, so load balancers move traffic away).
+    let (closing_tx, closing_rx) = tokio::sync::watch::channel(false);
     let flag = state.clone();
     let grace = config.shutdown_grace;
     let stop_serving = async move {
         shutdown.await;
         flag.shutting_down.store(true, Relaxed);
-        let _ = signal_tx.send(Instant::now());
         if !grace.is_zero() {
             tracing::info!(
                 grace_ms = grace.as_millis() as u64,
@@ -179,33 +216,53 @@ pub async fn serve(
             );
             tokio::time::sleep(grace).await;
         }
+        let _ = closing_tx.send(true);
     };
     let limits = server::Limits {
         max_connections: config.max_connections,
         header_read_timeout: config.header_read_timeout,
     };
-    let open_connections = server::run(
+    // Connections get the first half of SHUTDOWN_TIMEOUT_MS to finish their
+    // requests; the final flush and the writes get the rest.
+    let drain_for = config.shutdown_timeout / 2;
+    let admin_task = admin.map(|listener| {
+        let (state, mut closing) = (state.clone(), closing_rx.clone());
+        tokio::spawn(server::run(
+            listener,
+            state,
+            http::Listener::Admin,
+            async move {
+                let _ = closing.wait_for(|c| *c).await;
+            },
+            drain_for,
+            limits,
+        ))
+    });
+    // Phase 2: stop accepting, let in-flight requests finish (bounded).
+    let connections_left = server::run(
         listener,
         state.clone(),
+        http::Listener::Main,
         stop_serving,
-        config.shutdown_timeout,
+        drain_for,
         limits,
     )
     .await;
-    let signalled = signal_rx.await.unwrap_or_else(|_| Instant::now());
-    let deadline = tokio::time::Instant::from_std(signalled + config.shutdown_timeout);
+    let closed_at = Instant::now();
+    let deadline = tokio::time::Instant::from_std(closed_at + config.shutdown_timeout);
     let stored_before = stored(&stats);
     let spooled_before = stats.get(Counter::SpooledEvents);
     tracing::info!(
         buffered = shards.pending(),
         in_writer = stats.in_writer.load(Relaxed),
-        open_connections,
-        "shutting down: flushing buffered events"
+        connections_left,
+        "shutting down: closing the shards and flushing buffered events"
     );
 
-    // Phase 2: final flush (replay stops; the spool keeps what is left), then
-    // wait for the writer until the deadline; at the deadline every batch
-    // still in memory goes to the spool.
+    // Phase 3: the final flush closes every shard first, so a request still
+    // running from here on gets 503, never a 2xx for an event nobody writes.
+    // Replay stops (the spool keeps what is left); the writer has until the
+    // deadline, then every batch still in memory goes to the spool.
     let WriteSideHandle {
         stop,
         abort,
@@ -221,32 +278,52 @@ pub async fn serve(
         None => {
             tracing::warn!("shutdown deadline reached: spooling what is left");
             let _ = abort.send(true);
-            done.await.unwrap_or_else(|_| {
-                tracing::error!("the write side stopped without a report");
-                DeliveryReport::default()
-            })
+            match tokio::time::timeout(ABORT_GRACE, done).await {
+                Ok(Ok(r)) => r,
+                Ok(Err(_)) | Err(_) => {
+                    let left = stats.in_writer.load(Relaxed);
+                    tracing::error!(
+                        unwritten = left,
+                        "the write side did not finish after the deadline; giving up on what it holds"
+                    );
+                    DeliveryReport {
+                        unwritten: left,
+                        ..DeliveryReport::default()
+                    }
+                }
+            }
         }
     };
+    if let Some(t) = admin_task {
+        t.abort();
+    }
 
-    let accepted = shards.recorded();
     let drain = DrainReport {
-        accepted,
+        accepted: shards.recorded(),
         written_at_shutdown: stored(&stats).saturating_sub(stored_before),
         spooled_at_shutdown: stats.get(Counter::SpooledEvents) - spooled_before,
         unwritten: report.unwritten,
-        took: signalled.elapsed(),
+        refused_at_shutdown: stats.get(Counter::RefusedShuttingDown),
+        connections_left,
+        took: closed_at.elapsed(),
     };
     tracing::info!(
         accepted = drain.accepted,
         written_at_shutdown = drain.written_at_shutdown,
         spooled_at_shutdown = drain.spooled_at_shutdown,
         unwritten = drain.unwritten,
+        refused_at_shutdown = drain.refused_at_shutdown,
+        connections_left = drain.connections_left,
         spool_bytes = spool.bytes(),
         took_ms = drain.took.as_millis() as u64,
         "drain report"
     );
     Ok(drain)
 }
+
+/// After the shutdown deadline, the write side gets this long to spool what
+/// it holds before the process gives up on it.
+const ABORT_GRACE: Duration = Duration::from_secs(5);
 
 /// Events committed to either table since start (live or replayed).
 fn stored(stats: &Stats) -> u64 {

@@ -16,7 +16,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::time::Instant;
 
-use crate::http::{self, AppState};
+use crate::http::{self, AppState, Listener};
 
 /// Largest request head hyper buffers (request line + headers); past it: `431`.
 /// Request targets over `http::MAX_URI_BYTES` but within this get `414`.
@@ -31,11 +31,15 @@ pub struct Limits {
     pub header_read_timeout: Duration,
 }
 
-/// Serves connections until `shutdown` resolves, then drains them until
-/// `deadline`. Returns the number of connections still open at the deadline.
+/// Serves connections on `listener` (as `on`) until `shutdown` resolves, then
+/// closes the listener and lets open connections finish their requests for
+/// `drain_for` at most (idle keep-alive connections are closed at once).
+/// Returns the number of connections still open then; their requests go on,
+/// and an event among them is refused once the shards are closed.
 pub async fn run(
     listener: TcpListener,
     state: Arc<AppState>,
+    on: Listener,
     shutdown: impl Future<Output = ()>,
     drain_for: Duration,
     limits: Limits,
@@ -59,7 +63,7 @@ pub async fn run(
                     let state = state.clone();
                     let conn = builder.serve_connection(
                         TokioIo::new(stream),
-                        service_fn(move |req| http::handle(state.clone(), req)),
+                        service_fn(move |req| http::handle(state.clone(), on, req)),
                     );
                     let conn = graceful.watch(conn);
                     tokio::spawn(async move {

@@ -44,6 +44,9 @@ pub enum ShardFull {
     /// This shard's string arena is at its 4 GiB addressing limit.
     #[error("shard buffer is full")]
     Arena,
+    /// The final flush has begun: nothing recorded now would be written.
+    #[error("the service is shutting down")]
+    Closed,
 }
 
 impl From<ArenaFull> for ShardFull {
@@ -67,8 +70,21 @@ fn row<'a>(ev: &Event<'a>, user_agent: Option<&'a str>, received_ms: i64) -> Row
 }
 
 /// A shard's live buffer. Only the owning thread mutates it, and only while
-/// it holds a guard from the shard's `ArcSwap` (see the module docs).
-struct ShardCell(UnsafeCell<Buffer>);
+/// it holds a guard from the shard's `ArcSwap` (see the module docs). A
+/// closed cell (swapped in by the final flush) takes nothing.
+struct ShardCell {
+    data: UnsafeCell<Buffer>,
+    closed: bool,
+}
+
+impl ShardCell {
+    fn new(data: Buffer, closed: bool) -> Arc<ShardCell> {
+        Arc::new(ShardCell {
+            data: UnsafeCell::new(data),
+            closed,
+        })
+    }
+}
 
 // SAFETY: the data inside is reached in exactly two ways: (1) by the one
 // thread that owns the shard, inside `Shard::record`, which is synchronous
@@ -94,9 +110,9 @@ pub struct Shard {
 }
 
 impl Shard {
-    fn new(limit: u64) -> Self {
+    fn new(limit: u64, closed: bool) -> Self {
         Shard {
-            cell: ArcSwap::from_pointee(ShardCell(UnsafeCell::new(Buffer::new()))),
+            cell: ArcSwap::new(ShardCell::new(Buffer::new(), closed)),
             recorded: AtomicU64::new(0),
             taken: AtomicU64::new(0),
             recorded_bytes: AtomicU64::new(0),
@@ -119,8 +135,11 @@ impl Shard {
         }
         let row = row(ev, user_agent, received_ms);
         let guard = self.cell.load();
+        if guard.closed {
+            return Err(ShardFull::Closed);
+        }
         // SAFETY: see `ShardCell`: we are the owning thread and not re-entrant.
-        let data = unsafe { &mut *guard.0.get() };
+        let data = unsafe { &mut *guard.data.get() };
         data.push(&row)?;
         let len = data.len();
         drop(guard);
@@ -133,21 +152,25 @@ impl Shard {
         Ok(len)
     }
 
-    /// Swaps an empty buffer in and returns the old one once no recorder uses it.
+    /// Swaps an empty buffer in (a closed one when `close`) and returns the
+    /// old one once no recorder uses it.
     async fn take(
         &self,
         rows_hint: usize,
         keys_hint: usize,
+        close: bool,
         on_take: &impl Fn(u64, u64),
     ) -> Buffer {
-        let fresh = Arc::new(ShardCell(UnsafeCell::new(Buffer::with_capacity(
-            rows_hint, keys_hint,
-        ))));
+        let fresh = if close {
+            ShardCell::new(Buffer::new(), true)
+        } else {
+            ShardCell::new(Buffer::with_capacity(rows_hint, keys_hint), false)
+        };
         let mut old = self.cell.swap(fresh);
         let mut spins = 0u32;
         let data = loop {
             match Arc::try_unwrap(old) {
-                Ok(cell) => break cell.0.into_inner(),
+                Ok(cell) => break cell.data.into_inner(),
                 Err(still_shared) => {
                     // A recorder is inside `record` (nanoseconds) or was
                     // preempted there; give it the CPU back.
@@ -186,7 +209,11 @@ pub struct ShardSet {
     max_events: usize,
     full: Notify,
     shedding: AtomicBool,
-    /// Budget a shard created after the last admission check starts with.
+    /// Set by the final flush: new shards are created closed.
+    closed: AtomicBool,
+    /// The room reserved for shards created after the last admission check:
+    /// each new shard takes half of what is left, so together they never
+    /// take more than the reserve.
     new_shard_budget: AtomicU64,
     /// Refusals summed over the shards at the last admission check.
     refused_seen: AtomicU64,
@@ -197,14 +224,21 @@ pub struct ShardSet {
 
 impl ShardSet {
     /// `max_events`: a shard reaching this many rows wakes the coordinator.
+    /// No memory cap until admission control sets budgets.
     pub fn new(max_events: usize) -> Self {
+        Self::with_cap(max_events, u64::MAX)
+    }
+
+    /// Like `new`, with `cap` events at most before the first admission check.
+    pub fn with_cap(max_events: usize, cap: u64) -> Self {
         ShardSet {
             id: NEXT_SET_ID.fetch_add(1, Relaxed),
             shards: Mutex::new(Vec::new()),
             max_events: max_events.max(1),
             full: Notify::new(),
             shedding: AtomicBool::new(false),
-            new_shard_budget: AtomicU64::new(u64::MAX),
+            closed: AtomicBool::new(false),
+            new_shard_budget: AtomicU64::new(cap),
             refused_seen: AtomicU64::new(0),
             last_refusal_ms: AtomicU64::new(0),
             epoch: std::time::Instant::now(),
@@ -228,11 +262,16 @@ impl ShardSet {
             if let Some((_, shard)) = local.iter().find(|(id, _)| *id == self.id) {
                 return shard.record(ev, user_agent, received_ms);
             }
-            let shard = Arc::new(Shard::new(self.new_shard_budget.load(Relaxed)));
-            self.shards
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(shard.clone());
+            let shard = {
+                let mut shards = self.shards.lock().unwrap_or_else(|p| p.into_inner());
+                let budget = self
+                    .new_shard_budget
+                    .fetch_update(Relaxed, Relaxed, |b| Some(b / 2))
+                    .map_or(0, |b| b - b / 2);
+                let shard = Arc::new(Shard::new(budget, self.closed.load(SeqCst)));
+                shards.push(shard.clone());
+                shard
+            };
             local.retain(|(_, s)| Arc::strong_count(s) > 1); // drop shards of stopped sets
             local.push((self.id, shard.clone()));
             shard.record(ev, user_agent, received_ms)
@@ -252,17 +291,36 @@ impl ShardSet {
     /// `on_take(events, bytes)` runs for each buffer before the shard stops
     /// counting it, so the receiver can count it first (see `budget`).
     pub async fn take_all(&self, on_take: impl Fn(u64, u64)) -> Vec<Buffer> {
-        let shards: Vec<Arc<Shard>> = self
-            .shards
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        self.take_every(false, on_take).await
+    }
+
+    /// The final take: every shard gets a closed buffer, and shards created
+    /// from now on are closed too, so no event can be recorded (and
+    /// acknowledged) after this into a buffer nobody will flush. A recorder
+    /// already inside `record` finishes first: its event is in what is taken.
+    pub async fn close_and_take_all(&self, on_take: impl Fn(u64, u64)) -> Vec<Buffer> {
+        self.take_every(true, on_take).await
+    }
+
+    /// True once `close_and_take_all` has run.
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(SeqCst)
+    }
+
+    async fn take_every(&self, close: bool, on_take: impl Fn(u64, u64)) -> Vec<Buffer> {
+        let shards: Vec<Arc<Shard>> = {
+            let shards = self.shards.lock().unwrap_or_else(|p| p.into_inner());
+            if close {
+                self.closed.store(true, SeqCst);
+            }
+            shards.clone()
+        };
         let mut out = Vec::with_capacity(shards.len());
         for shard in shards {
             let recorded = shard.recorded.load(Relaxed);
             let pending = recorded.saturating_sub(shard.taken.load(Relaxed)) as usize;
             let hint = pending.clamp(64, self.max_events.saturating_add(1024));
-            let data = shard.take(hint, hint, &on_take).await;
+            let data = shard.take(hint, hint, close, &on_take).await;
             if !data.is_empty() {
                 out.push(data);
             }

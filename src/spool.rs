@@ -1,4 +1,5 @@
-//! `Spool`: the bounded on-disk queue for batches the database would not take.
+//! `Spool`: the bounded on-disk queue for batches the database would not take,
+//! and the quarantine beside it.
 //!
 //! When a batch cannot be written (database down, slow or refusing), the
 //! writer appends it here and forgets it only after `fsync`. A replay loop
@@ -7,20 +8,32 @@
 //! at the next start. Replaying a batch that did commit is harmless: every
 //! batch carries its id into the `ingest_batches` ledger.
 //!
-//! On disk: `SPOOL_DIR/<seq>.seg`, append-only, rotated at
-//! [`SEGMENT_BYTES`]. Each record is `magic u32 | len u32 | crc32 u32 |
-//! payload`, all big-endian, the CRC over the payload. A reader stops at the
-//! first record that is short (a torn write) or fails its checksum or its
-//! decoding, reports it, and skips the rest of that segment: nothing is ever
-//! replayed as garbage. Appends after a restart go to a new segment, never
-//! after a torn tail. The total size is capped by `SPOOL_MAX_BYTES`.
+//! On disk: `SPOOL_DIR/<seq>.seg`, append-only, rotated at [`SEGMENT_BYTES`].
+//! Each record is `magic u32 | len u32 | crc32 u32 | payload`, big-endian,
+//! the CRC over the payload. A reader that meets a bad record (torn, failed
+//! checksum, undecodable) reports it and resyncs on the next valid record;
+//! nothing is ever replayed as garbage, and a segment with damage is moved to
+//! `SPOOL_DIR/quarantine/` after its good records, never deleted. Rows the
+//! database refuses in both tables are quarantined there too, each as a
+//! one-record segment with a `.error` file beside it.
+//!
+//! Disk I/O never runs on an async runtime and never under the bookkeeping
+//! lock: appends (write + fsync) run on blocking threads and serialize on
+//! their own lock; the runtime's calls ([`Spool::oldest`], sizes) only take
+//! the bookkeeping lock, or skip when an append holds the file. A full disk
+//! (`ENOSPC`) truncates the partial record away, and the spool refuses appends
+//! for [`DISK_FULL_PAUSE`] before trying again; what is already on disk stays.
+//! Files are created `0600` in a `0700` directory, and the directory is
+//! locked: a second process on the same `SPOOL_DIR` refuses to start.
 
 use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard, TryLockError};
+use std::time::{Duration, Instant, SystemTime};
 
 use uuid::Uuid;
 
@@ -28,15 +41,30 @@ use crate::batch::{Batch, Buffer, EventKind, Row};
 
 /// A segment is sealed (and becomes replayable) at this size.
 pub const SEGMENT_BYTES: u64 = 16 << 20;
+/// After a full disk, appends are refused this long before the next try.
+pub const DISK_FULL_PAUSE: Duration = Duration::from_secs(1);
 const MAGIC: u32 = 0x5350_4f4c; // "SPOL"
 const HEADER: usize = 12;
 const FORMAT_VERSION: u8 = 1;
+const QUARANTINE: &str = "quarantine";
+const LOCK_FILE: &str = ".lock";
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
     #[error("spool is full ({used} of {max} bytes used, record needs {need})")]
     Full { used: u64, max: u64, need: u64 },
+    #[error("spool disk is full (ENOSPC); refusing appends for a moment")]
+    DiskFull,
     #[error("spool I/O error: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// Why the spool could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("another process is using SPOOL_DIR {0} (it holds {0}/.lock); give each process its own directory")]
+    InUse(String),
+    #[error(transparent)]
     Io(#[from] io::Error),
 }
 
@@ -48,6 +76,7 @@ pub struct Segment {
     pub len: u64,
 }
 
+/// The segment appends go to; owned by the append lock.
 struct Active {
     seq: u64,
     path: PathBuf,
@@ -55,9 +84,9 @@ struct Active {
     len: u64,
 }
 
+/// Bookkeeping only; never held across I/O.
 struct State {
     next_seq: u64,
-    active: Option<Active>,
     sealed: VecDeque<Segment>,
 }
 
@@ -66,16 +95,62 @@ pub struct Spool {
     dir: PathBuf,
     max_bytes: u64,
     state: Mutex<State>,
+    active: Mutex<Option<Active>>,
     /// Bytes on disk (sealed + active).
     bytes: AtomicU64,
+    /// `epoch` milliseconds before which appends are refused (disk full).
+    paused_until_ms: AtomicU64,
+    epoch: Instant,
+    /// Held (locked) for the life of the process.
+    _lock: File,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn create_private(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .create_new(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+}
+
+fn private_dir(dir: &Path) -> io::Result<()> {
+    fs::create_dir_all(dir)?;
+    let perms = fs::metadata(dir)?.permissions();
+    if perms.mode() & 0o777 != 0o700 {
+        if let Err(e) = fs::set_permissions(dir, fs::Permissions::from_mode(0o700)) {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot make the spool directory private (0700)");
+        }
+    }
+    Ok(())
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
 }
 
 impl Spool {
-    /// Opens (creating it if needed) the spool in `dir`. Segments found there,
-    /// from an earlier run or a crash, are queued for replay.
-    pub fn open(dir: impl Into<PathBuf>, max_bytes: u64) -> io::Result<Spool> {
+    /// Opens (creating it if needed) the spool in `dir` and locks it.
+    /// Segments found there, from an earlier run or a crash, are queued for replay.
+    pub fn open(dir: impl Into<PathBuf>, max_bytes: u64) -> Result<Spool, OpenError> {
         let dir = dir.into();
-        fs::create_dir_all(&dir)?;
+        private_dir(&dir)?;
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(dir.join(LOCK_FILE))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                return Err(OpenError::InUse(dir.display().to_string()))
+            }
+            Err(fs::TryLockError::Error(e)) => return Err(e.into()),
+        }
         let mut found: Vec<Segment> = Vec::new();
         for entry in fs::read_dir(&dir)? {
             let entry = entry?;
@@ -106,15 +181,23 @@ impl Spool {
             max_bytes,
             state: Mutex::new(State {
                 next_seq,
-                active: None,
                 sealed: found.into(),
             }),
+            active: Mutex::new(None),
             bytes: AtomicU64::new(bytes),
+            paused_until_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
+            _lock: lock,
         })
     }
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Where quarantined rows and damaged segments are kept.
+    pub fn quarantine_dir(&self) -> PathBuf {
+        self.dir.join(QUARANTINE)
     }
 
     /// Bytes on disk now.
@@ -126,29 +209,34 @@ impl Spool {
         self.max_bytes
     }
 
-    /// True when nothing waits on disk.
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// False for a moment after the disk was found full.
+    pub fn accepting(&self) -> bool {
+        self.now_ms() >= self.paused_until_ms.load(Relaxed)
+    }
+
+    /// True when nothing waits on disk (an append in progress counts as data).
     pub fn is_empty(&self) -> bool {
-        let st = self.lock();
-        st.sealed.is_empty() && st.active.as_ref().is_none_or(|a| a.len == 0)
+        let active_empty = match self.active.try_lock() {
+            Ok(a) => a.as_ref().is_none_or(|a| a.len == 0),
+            Err(TryLockError::Poisoned(p)) => p.into_inner().as_ref().is_none_or(|a| a.len == 0),
+            Err(TryLockError::WouldBlock) => false,
+        };
+        active_empty && lock(&self.state).sealed.is_empty()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Appends `batch` durably (written and fsynced) or fails without a trace
+    /// Appends `batch` durably (written and fsynced) or fails leaving nothing
     /// on disk that a reader would take for a record. Blocking: call it from
-    /// a blocking context.
+    /// a blocking thread.
     pub fn append(&self, batch: &Batch) -> Result<u64, SpoolError> {
-        let payload = encode(batch);
-        let mut record = Vec::with_capacity(HEADER + payload.len());
-        record.extend_from_slice(&MAGIC.to_be_bytes());
-        record.extend_from_slice(&(payload.len() as u32).to_be_bytes());
-        record.extend_from_slice(&crc32fast::hash(&payload).to_be_bytes());
-        record.extend_from_slice(&payload);
+        if !self.accepting() {
+            return Err(SpoolError::DiskFull);
+        }
+        let record = encode_record(batch);
         let need = record.len() as u64;
-
-        let mut st = self.lock();
         let used = self.bytes.load(Relaxed);
         if used + need > self.max_bytes {
             return Err(SpoolError::Full {
@@ -157,155 +245,233 @@ impl Spool {
                 need,
             });
         }
-        if st.active.is_none() {
-            let seq = st.next_seq;
-            st.next_seq += 1;
+        let mut active = lock(&self.active);
+        if active.is_none() {
+            let seq = {
+                let mut st = lock(&self.state);
+                st.next_seq += 1;
+                st.next_seq - 1
+            };
             let path = self.dir.join(format!("{seq:016}.seg"));
-            let file = OpenOptions::new()
-                .create_new(true)
-                .append(true)
-                .open(&path)?;
+            let file = create_private(&path).map_err(|e| self.io_error(e))?;
             // Make the new file's directory entry durable too.
-            File::open(&self.dir)?.sync_all()?;
-            st.active = Some(Active {
+            sync_dir(&self.dir).map_err(|e| self.io_error(e))?;
+            *active = Some(Active {
                 seq,
                 path,
                 file,
                 len: 0,
             });
         }
-        let Some(active) = st.active.as_mut() else {
+        let Some(a) = active.as_mut() else {
             return Err(SpoolError::Io(io::Error::other("no active segment")));
         };
-        let written = active
-            .file
-            .write_all(&record)
-            .and_then(|_| active.file.sync_data());
-        if let Err(e) = written {
-            // The tail may now hold a partial record: seal the segment so no
-            // later append lands after it (the reader skips the torn tail).
-            let torn = st.active.take();
-            if let Some(a) = torn {
-                let len = a.file.metadata().map(|m| m.len()).unwrap_or(a.len);
-                self.bytes.fetch_add(len - a.len, Relaxed);
-                if len > 0 {
-                    st.sealed.push_back(Segment {
-                        seq: a.seq,
-                        path: a.path,
+        if let Err(e) = a.file.write_all(&record).and_then(|_| a.file.sync_data()) {
+            // Cut the partial record off so the segment stays clean; if even
+            // that fails, seal it as it is (a reader skips a torn tail).
+            let clean = a.file.set_len(a.len).and_then(|_| a.file.sync_data()).is_ok();
+            if !clean {
+                if let Some(torn) = active.take() {
+                    let len = torn.file.metadata().map(|m| m.len()).unwrap_or(torn.len);
+                    self.bytes.fetch_add(len.saturating_sub(torn.len), Relaxed);
+                    lock(&self.state).sealed.push_back(Segment {
+                        seq: torn.seq,
+                        path: torn.path,
                         len,
                     });
-                } else {
-                    let _ = fs::remove_file(&a.path);
                 }
             }
-            return Err(e.into());
+            return Err(self.io_error(e));
         }
-        active.len += need;
+        a.len += need;
         self.bytes.fetch_add(need, Relaxed);
-        if active.len >= SEGMENT_BYTES {
-            Self::seal(&mut st);
+        if a.len >= SEGMENT_BYTES {
+            if let Some(full) = active.take() {
+                self.seal(full);
+            }
         }
         Ok(need)
     }
 
-    fn seal(st: &mut State) {
-        if let Some(a) = st.active.take() {
-            if a.len > 0 {
-                st.sealed.push_back(Segment {
-                    seq: a.seq,
-                    path: a.path,
-                    len: a.len,
-                });
-            } else {
-                let _ = fs::remove_file(&a.path);
-            }
+    /// Turns a full disk into a pause; passes other errors through.
+    fn io_error(&self, e: io::Error) -> SpoolError {
+        if e.raw_os_error() == Some(28) {
+            // ENOSPC
+            self.paused_until_ms.store(
+                self.now_ms() + DISK_FULL_PAUSE.as_millis() as u64,
+                Relaxed,
+            );
+            SpoolError::DiskFull
+        } else {
+            SpoolError::Io(e)
+        }
+    }
+
+    fn seal(&self, a: Active) {
+        if a.len > 0 {
+            lock(&self.state).sealed.push_back(Segment {
+                seq: a.seq,
+                path: a.path,
+                len: a.len,
+            });
+        } else {
+            let _ = fs::remove_file(&a.path);
         }
     }
 
     /// The oldest segment to replay. If only the active segment holds data,
-    /// it is sealed first (new appends start a new segment).
+    /// it is sealed first (new appends start a new segment), unless an append
+    /// is writing it right now: then `None`, and the caller asks again. Never
+    /// waits for disk I/O.
     pub fn oldest(&self) -> Option<Segment> {
-        let mut st = self.lock();
-        if st.sealed.is_empty() {
-            Self::seal(&mut st);
+        if let Some(s) = lock(&self.state).sealed.front() {
+            return Some(s.clone());
         }
-        st.sealed.front().cloned()
+        let taken = match self.active.try_lock() {
+            Ok(mut a) => a.take(),
+            Err(TryLockError::Poisoned(p)) => p.into_inner().take(),
+            Err(TryLockError::WouldBlock) => None,
+        };
+        if let Some(a) = taken {
+            self.seal(a);
+        }
+        lock(&self.state).sealed.front().cloned()
     }
 
-    /// Deletes a fully replayed segment.
-    pub fn remove(&self, seg: &Segment) -> io::Result<()> {
-        let mut st = self.lock();
+    fn forget(&self, seg: &Segment) {
+        let mut st = lock(&self.state);
         if let Some(i) = st.sealed.iter().position(|s| s.seq == seg.seq) {
             st.sealed.remove(i);
         }
         drop(st);
         self.bytes
             .fetch_sub(seg.len.min(self.bytes.load(Relaxed)), Relaxed);
+    }
+
+    /// Deletes a fully replayed segment. Blocking (a file system call).
+    pub fn remove(&self, seg: &Segment) -> io::Result<()> {
+        self.forget(seg);
         match fs::remove_file(&seg.path) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
         }
     }
+
+    /// Moves a segment with damage into the quarantine (its good records were
+    /// replayed), with a note of what was wrong. Blocking.
+    pub fn quarantine_segment(&self, seg: &Segment, why: &str) -> io::Result<PathBuf> {
+        let qdir = self.quarantine_dir();
+        private_dir(&qdir)?;
+        let name = format!("damaged-{:016}", seg.seq);
+        let to = qdir.join(format!("{name}.seg"));
+        fs::rename(&seg.path, &to)?;
+        write_note(&qdir.join(format!("{name}.error")), why)?;
+        sync_dir(&qdir)?;
+        sync_dir(&self.dir)?;
+        self.forget(seg);
+        Ok(to)
+    }
+
+    /// Keeps one encoded record (see [`encode_record`]) in the quarantine as
+    /// `<id>.seg`, with `error` in `<id>.error`. Blocking.
+    pub fn quarantine(&self, id: Uuid, record: &[u8], error: &str) -> io::Result<PathBuf> {
+        let qdir = self.quarantine_dir();
+        private_dir(&qdir)?;
+        let path = qdir.join(format!("{id}.seg"));
+        let tmp = qdir.join(format!("{id}.seg.tmp"));
+        let _ = fs::remove_file(&tmp);
+        let mut f = create_private(&tmp)?;
+        f.write_all(record)?;
+        f.sync_data()?;
+        fs::rename(&tmp, &path)?;
+        write_note(&qdir.join(format!("{id}.error")), error)?;
+        sync_dir(&qdir)?;
+        Ok(path)
+    }
 }
 
-/// Why a segment could not be read to its end.
+fn write_note(path: &Path, text: &str) -> io::Result<()> {
+    let _ = fs::remove_file(path);
+    let mut f = create_private(path)?;
+    let when = humantime::format_rfc3339_seconds(SystemTime::now());
+    writeln!(f, "{when} {text}")?;
+    f.sync_data()
+}
+
+/// One stretch of a segment that could not be read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Damage {
-    /// Offset of the first bad record.
+    /// Offset of the first bad byte.
     pub offset: u64,
-    /// Bytes skipped from there to the end of the segment.
+    /// Bytes skipped until the next valid record (or the end).
     pub skipped_bytes: u64,
     pub reason: &'static str,
 }
 
-/// The readable records of one segment, and where reading stopped if it had to.
+/// The readable records of one segment, and the stretches skipped.
 pub struct SegmentContents {
     pub batches: Vec<Batch>,
-    pub damage: Option<Damage>,
+    pub damage: Vec<Damage>,
 }
 
-/// Reads a whole segment. Blocking.
+/// The record at `off`, if it is whole, checks out and decodes.
+fn record_at(data: &[u8], off: usize) -> Result<(Batch, usize), &'static str> {
+    let Some(header) = data.get(off..off + HEADER) else {
+        return Err("torn record header");
+    };
+    let word = |i: usize| u32::from_be_bytes([header[i], header[i + 1], header[i + 2], header[i + 3]]);
+    if word(0) != MAGIC {
+        return Err("bad record magic");
+    }
+    let len = word(4) as usize;
+    let Some(payload) = data.get(off + HEADER..off + HEADER + len) else {
+        return Err("torn record payload");
+    };
+    if crc32fast::hash(payload) != word(8) {
+        return Err("checksum mismatch");
+    }
+    decode(payload)
+        .map(|b| (b, HEADER + len))
+        .ok_or("undecodable record")
+}
+
+/// Reads a whole segment, resyncing past damage. Blocking.
 pub fn read_segment(path: &Path) -> io::Result<SegmentContents> {
     let data = fs::read(path)?;
     let mut batches = Vec::new();
+    let mut damage = Vec::new();
     let mut off = 0usize;
-    let damage = loop {
-        if off == data.len() {
-            break None;
+    while off < data.len() {
+        match record_at(&data, off) {
+            Ok((b, n)) => {
+                batches.push(b);
+                off += n;
+            }
+            Err(reason) => {
+                // Resync: the next offset where a valid record starts.
+                let magic = MAGIC.to_be_bytes();
+                let next = (off + 1..data.len())
+                    .filter(|&i| data[i..].starts_with(&magic))
+                    .find(|&i| record_at(&data, i).is_ok())
+                    .unwrap_or(data.len());
+                damage.push(Damage {
+                    offset: off as u64,
+                    skipped_bytes: (next - off) as u64,
+                    reason,
+                });
+                off = next;
+            }
         }
-        let bad = |reason| {
-            Some(Damage {
-                offset: off as u64,
-                skipped_bytes: (data.len() - off) as u64,
-                reason,
-            })
-        };
-        let Some(header) = data.get(off..off + HEADER) else {
-            break bad("torn record header");
-        };
-        let magic = u32::from_be_bytes([header[0], header[1], header[2], header[3]]);
-        let len = u32::from_be_bytes([header[4], header[5], header[6], header[7]]) as usize;
-        let crc = u32::from_be_bytes([header[8], header[9], header[10], header[11]]);
-        if magic != MAGIC {
-            break bad("bad record magic");
-        }
-        let Some(payload) = data.get(off + HEADER..off + HEADER + len) else {
-            break bad("torn record payload");
-        };
-        if crc32fast::hash(payload) != crc {
-            break bad("checksum mismatch");
-        }
-        match decode(payload) {
-            Some(b) => batches.push(b),
-            None => break bad("undecodable record"),
-        }
-        off += HEADER + len;
-    };
+    }
     Ok(SegmentContents { batches, damage })
 }
 
-fn encode(batch: &Batch) -> Vec<u8> {
-    let mut out = Vec::with_capacity(32 + batch.len() * 160);
+/// A batch as one spool record (header and payload in one buffer: the only
+/// copy of the batch the spool makes).
+pub fn encode_record(batch: &Batch) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER + 32 + batch.len() * 160);
+    out.extend_from_slice(&MAGIC.to_be_bytes());
+    out.extend_from_slice(&[0; 8]); // len and crc, filled in below
     out.push(FORMAT_VERSION);
     out.extend_from_slice(batch.id.as_bytes());
     out.extend_from_slice(&(batch.len() as u32).to_be_bytes());
@@ -327,6 +493,10 @@ fn encode(batch: &Batch) -> Vec<u8> {
             None => out.extend_from_slice(&u32::MAX.to_be_bytes()),
         }
     }
+    let len = (out.len() - HEADER) as u32;
+    let crc = crc32fast::hash(&out[HEADER..]);
+    out[4..8].copy_from_slice(&len.to_be_bytes());
+    out[8..12].copy_from_slice(&crc.to_be_bytes());
     out
 }
 
@@ -404,6 +574,54 @@ fn decode(payload: &[u8]) -> Option<Batch> {
     Some(Batch::restore(id, vec![data]))
 }
 
+/// One quarantined file, as `ingest quarantine list` shows it.
+#[derive(Debug, Clone)]
+pub struct Quarantined {
+    pub path: PathBuf,
+    pub batches: usize,
+    pub events: usize,
+    /// The note written beside it (time and the database's error, or the damage).
+    pub note: String,
+}
+
+/// The quarantine of the spool in `spool_dir`, oldest first. Blocking.
+pub fn list_quarantine(spool_dir: &Path) -> io::Result<Vec<Quarantined>> {
+    let qdir = spool_dir.join(QUARANTINE);
+    let mut out = Vec::new();
+    let entries = match fs::read_dir(&qdir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(e),
+    };
+    let mut files: Vec<(SystemTime, PathBuf)> = Vec::new();
+    for entry in entries {
+        let entry = entry?;
+        let path = entry.path();
+        if path.extension().is_some_and(|x| x == "seg") {
+            files.push((entry.metadata()?.modified()?, path));
+        }
+    }
+    files.sort();
+    for (_, path) in files {
+        let contents = read_segment(&path)?;
+        let note = fs::read_to_string(path.with_extension("error")).unwrap_or_default();
+        out.push(Quarantined {
+            batches: contents.batches.len(),
+            events: contents.batches.iter().map(Batch::len).sum(),
+            path,
+            note: note.trim().to_string(),
+        });
+    }
+    Ok(out)
+}
+
+/// Removes a quarantined file and its note (after a successful retry). Blocking.
+pub fn remove_quarantined(path: &Path) -> io::Result<()> {
+    fs::remove_file(path)?;
+    let _ = fs::remove_file(path.with_extension("error"));
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -456,7 +674,7 @@ mod tests {
         let spool = Spool::open(&dir, 1 << 30).expect("reopen");
         let seg = spool.oldest().expect("segment");
         let got = read_segment(&seg.path).expect("read");
-        assert!(got.damage.is_none());
+        assert!(got.damage.is_empty());
         assert_eq!(got.batches.len(), 2);
         assert_eq!(got.batches[0].id, a.id);
         assert_eq!(rows(&got.batches[0]), rows(&a));
@@ -473,6 +691,25 @@ mod tests {
     }
 
     #[test]
+    fn files_are_private_and_a_second_process_is_refused() {
+        let dir = tempdir("private");
+        let spool = Spool::open(&dir, 1 << 30).expect("open");
+        spool.append(&batch(2, "p")).expect("append");
+        let mode = |p: &Path| fs::metadata(p).expect("meta").permissions().mode() & 0o777;
+        assert_eq!(mode(&dir), 0o700);
+        let seg = spool.oldest().expect("segment");
+        assert_eq!(mode(&seg.path), 0o600);
+        match Spool::open(&dir, 1 << 30) {
+            Err(OpenError::InUse(d)) => assert_eq!(d, dir.display().to_string()),
+            Err(e) => panic!("expected InUse, got {e}"),
+            Ok(_) => panic!("expected InUse, got a second spool"),
+        }
+        drop(spool);
+        Spool::open(&dir, 1 << 30).expect("free again once the first is gone");
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn a_torn_tail_is_reported_and_skipped() {
         let dir = tempdir("torn");
         let spool = Spool::open(&dir, 1 << 30).expect("open");
@@ -480,35 +717,47 @@ mod tests {
         spool.append(&a).expect("append");
         spool.append(&batch(5, "b")).expect("append");
         let seg = spool.oldest().expect("segment");
-        // Cut the second record in half, as a crash mid-write would.
+        // Cut the second record short, as a crash mid-write would.
         let full = fs::read(&seg.path).expect("read");
-        let first_len = (full.len() / 2) as u64;
-        let first = read_segment(&seg.path).expect("read").batches.len();
-        assert_eq!(first, 2);
+        assert_eq!(read_segment(&seg.path).expect("read").batches.len(), 2);
         let cut = full.len() - 20;
         fs::write(&seg.path, &full[..cut]).expect("truncate");
         let got = read_segment(&seg.path).expect("read");
         assert_eq!(got.batches.len(), 1);
         assert_eq!(got.batches[0].id, a.id);
-        let damage = got.damage.expect("damage reported");
-        assert_eq!(damage.reason, "torn record payload");
-        assert!(damage.offset > 0 && damage.skipped_bytes > 0 && damage.offset < first_len * 2);
+        assert_eq!(got.damage.len(), 1);
+        assert_eq!(got.damage[0].reason, "torn record payload");
+        assert_eq!(got.damage[0].offset + got.damage[0].skipped_bytes, cut as u64);
         let _ = fs::remove_dir_all(&dir);
     }
 
     #[test]
-    fn a_flipped_byte_fails_the_checksum() {
+    fn damage_in_the_middle_is_skipped_and_the_rest_is_read() {
         let dir = tempdir("flip");
         let spool = Spool::open(&dir, 1 << 30).expect("open");
-        spool.append(&batch(5, "a")).expect("append");
+        let (a, b, c) = (batch(5, "a"), batch(5, "b"), batch(5, "c"));
+        for x in [&a, &b, &c] {
+            spool.append(x).expect("append");
+        }
         let seg = spool.oldest().expect("segment");
         let mut bytes = fs::read(&seg.path).expect("read");
-        let last = bytes.len() - 3;
-        bytes[last] ^= 0x40;
+        let second = encode_record(&a).len();
+        bytes[second + HEADER + 20] ^= 0x40; // inside b's payload
         fs::write(&seg.path, &bytes).expect("write");
         let got = read_segment(&seg.path).expect("read");
-        assert!(got.batches.is_empty());
-        assert_eq!(got.damage.expect("damage").reason, "checksum mismatch");
+        let ids: Vec<Uuid> = got.batches.iter().map(|x| x.id).collect();
+        assert_eq!(ids, vec![a.id, c.id], "b is skipped, c is read");
+        assert_eq!(got.damage.len(), 1);
+        assert_eq!(got.damage[0].reason, "checksum mismatch");
+        assert_eq!(got.damage[0].offset, second as u64);
+        assert_eq!(got.damage[0].skipped_bytes, encode_record(&b).len() as u64);
+        let moved = spool.quarantine_segment(&seg, "checksum mismatch").expect("quarantine");
+        assert!(moved.exists() && !seg.path.exists());
+        assert_eq!(spool.bytes(), 0);
+        let listed = list_quarantine(&dir).expect("list");
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].batches, 2);
+        assert!(listed[0].note.contains("checksum mismatch"));
         let _ = fs::remove_dir_all(&dir);
     }
 
@@ -522,6 +771,26 @@ mod tests {
             other => panic!("expected Full, got {other:?}"),
         }
         assert!(spool.bytes() <= 600);
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_quarantined_batch_reads_back_with_its_error() {
+        let dir = tempdir("quarantine");
+        let spool = Spool::open(&dir, 1 << 30).expect("open");
+        let b = batch(1, "q");
+        let path = spool
+            .quarantine(b.id, &encode_record(&b), "SQLSTATE 23514: violates check")
+            .expect("quarantine");
+        let listed = list_quarantine(&dir).expect("list");
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].path, path);
+        assert_eq!(listed[0].events, 1);
+        assert!(listed[0].note.ends_with("SQLSTATE 23514: violates check"));
+        let back = read_segment(&path).expect("read");
+        assert_eq!(rows(&back.batches[0]), rows(&b));
+        remove_quarantined(&path).expect("remove");
+        assert!(list_quarantine(&dir).expect("list").is_empty());
         let _ = fs::remove_dir_all(&dir);
     }
 

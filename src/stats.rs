@@ -226,6 +226,8 @@ counters! {
     DeadLettered => "pipeline.dead_lettered", "ingest_events_dead_lettered";
     /// Batches committed
     Flushes => "pipeline.flushes", "ingest_flushes";
+    /// Events refused by both events and rejected_events, kept in the quarantine (ingest quarantine list)
+    Quarantined => "pipeline.quarantined", "ingest_events_quarantined";
     /// Batch write attempts that failed
     WriteFailures => "pipeline.write_failures", "ingest_write_failures";
     /// Batches found already committed in the ledger (lost acknowledgements, replays)
@@ -244,6 +246,10 @@ counters! {
     SpoolDamagedRecords => "spool.damaged_records", "ingest_spool_damaged_records";
     /// Bytes of damaged spool records skipped
     SpoolDamagedBytes => "spool.damaged_bytes", "ingest_spool_damaged_bytes";
+    /// Event requests refused with 503 because the final flush had begun; in ingest_events_rejected as shutting_down
+    RefusedShuttingDown => "pipeline.refused_shutting_down", "";
+    /// Snapshots rendered for /health and /metrics (at most one per VIEW_CACHE_MS)
+    ViewRenders => "views.renders", "ingest_view_renders";
 }
 
 /// Totals of the request side's shards at one moment.
@@ -272,6 +278,8 @@ pub struct PoolStatus {
 pub struct WriteStatus {
     pub spool_bytes: u64,
     pub spool_max_bytes: u64,
+    /// False for a moment after the spool's disk was found full.
+    pub spool_accepting: bool,
     pub campaigns_cached: u64,
     pub campaign_cache_loaded: bool,
     pub campaign_cache_hits: u64,

@@ -25,6 +25,7 @@ use crate::shard::ShardSet;
 use crate::spool::Spool;
 use crate::stats::{PoolStatus, Stats, WriteSideStatus, WriteStatus};
 use crate::writer::live::{self, DeliveryReport, SpoolFallback};
+use crate::writer::quarantine::SpoolQuarantine;
 use crate::writer::retry::{Delivery, KeepRetrying, RetryPolicy};
 use crate::writer::{replay, PgWriter};
 
@@ -92,11 +93,15 @@ impl WriteSide {
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         });
-        let policy = RetryPolicy::with_timeout(c.write_timeout);
+        let policy = RetryPolicy::new(c.write_timeout, c.batch_max_rows);
+        let quarantine = || SpoolQuarantine {
+            spool: self.spool.clone(),
+        };
         let (stop_replay, replay_stop) = watch::channel(false);
         let replayer = Delivery::new(
             self.writer.clone(),
             KeepRetrying,
+            quarantine(),
             policy,
             self.stats.clone(),
             true,
@@ -110,6 +115,7 @@ impl WriteSide {
         let delivery = Arc::new(Delivery::new(
             self.writer.clone(),
             SpoolFallback::new(self.spool.clone(), self.stats.clone()),
+            quarantine(),
             policy,
             self.stats.clone(),
             false,
@@ -121,6 +127,7 @@ impl WriteSide {
             self.stats.clone(),
             batch_tx,
             c.flush_interval,
+            c.batch_max_rows,
         );
         let mut coordinator_stop = stop.clone();
         let coordinator_task = tokio::spawn(coordinator.run(stop));
@@ -155,6 +162,7 @@ impl WriteSideStatus for Status {
         WriteStatus {
             spool_bytes: self.spool.bytes(),
             spool_max_bytes: self.spool.max_bytes(),
+            spool_accepting: self.spool.accepting(),
             campaigns_cached: self.accounts.len() as u64,
             campaign_cache_loaded: self.accounts.loaded.load(Relaxed),
             campaign_cache_hits: self.accounts.hits.load(Relaxed),
@@ -209,10 +217,7 @@ fn spawn_background(config: &Config, writer: Arc<PgWriter>, stats: Arc<Stats>) -
     let idle = config.pool_idle_timeout;
     tasks.push(tokio::spawn(async move {
         loop {
-            let up = match w.pool().get().await {
-                Ok(client) => client.simple_query("SELECT 1").await.is_ok(),
-                Err(_) => false,
-            };
+            let up = w.probe().await.is_ok();
             if stats.db_up.swap(up, Relaxed) != up {
                 if up {
                     tracing::info!("database reachable");
@@ -233,13 +238,8 @@ fn spawn_background(config: &Config, writer: Arc<PgWriter>, stats: Arc<Stats>) -
             if w.ensure_ready().await.is_err() {
                 continue;
             }
-            match w.pool().get().await {
-                Ok(client) => {
-                    if let Err(e) = w.accounts().reload(&**client).await {
-                        tracing::warn!(error = %e, "campaign cache refresh failed");
-                    }
-                }
-                Err(e) => tracing::warn!(error = %e, "campaign cache refresh: no connection"),
+            if let Err(e) = w.reload_accounts().await {
+                tracing::warn!(error = %e, "campaign cache refresh failed");
             }
         }
     }));

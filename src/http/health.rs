@@ -74,6 +74,7 @@ pub fn document(s: &Snapshot) -> Value {
         "spool": {
             "bytes": w.spool_bytes,
             "max_bytes": w.spool_max_bytes,
+            "accepting": w.spool_accepting,
         },
     });
     if let Value::Object(m) = base {
@@ -103,24 +104,29 @@ fn accepts_gzip(headers: &HeaderMap) -> bool {
         })
 }
 
-/// The `/health` response, gzipped when the client accepts it.
-pub fn respond(snapshot: &Snapshot, request: &HeaderMap) -> Response<Body> {
+/// The `/health` document as JSON, and gzipped (rendered once per snapshot).
+pub fn render(snapshot: &Snapshot) -> (Bytes, Option<Bytes>) {
     let body = document(snapshot).to_string();
-    let mut r = if accepts_gzip(request) {
-        let mut enc = GzEncoder::new(Vec::with_capacity(body.len() / 3), Compression::fast());
-        match enc.write_all(body.as_bytes()).and_then(|_| enc.finish()) {
-            Ok(gz) => {
-                let mut r = json_response(StatusCode::OK, String::new());
-                *r.body_mut() = Body::new(Bytes::from(gz));
-                r.headers_mut()
-                    .insert(CONTENT_ENCODING, HeaderValue::from_static("gzip"));
-                r
-            }
-            Err(_) => json_response(StatusCode::OK, body),
+    let mut enc = GzEncoder::new(Vec::with_capacity(body.len() / 3), Compression::fast());
+    let gz = enc
+        .write_all(body.as_bytes())
+        .and_then(|_| enc.finish())
+        .ok()
+        .map(Bytes::from);
+    (Bytes::from(body), gz)
+}
+
+/// The `/health` response from a rendered document, gzipped when the client accepts it.
+pub fn respond(json: &Bytes, gz: Option<&Bytes>, request: &HeaderMap) -> Response<Body> {
+    let mut r = json_response(StatusCode::OK, String::new());
+    match gz.filter(|_| accepts_gzip(request)) {
+        Some(gz) => {
+            *r.body_mut() = Body::new(gz.clone());
+            r.headers_mut()
+                .insert(CONTENT_ENCODING, HeaderValue::from_static("gzip"));
         }
-    } else {
-        json_response(StatusCode::OK, body)
-    };
+        None => *r.body_mut() = Body::new(json.clone()),
+    }
     r.headers_mut()
         .insert(VARY, HeaderValue::from_static("Accept-Encoding"));
     r

@@ -303,18 +303,23 @@ impl Collector for SnapshotCollector {
     }
 }
 
-/// The `/metrics` response for one snapshot.
-pub fn respond(snapshot: Snapshot) -> Response<Body> {
+/// The exposition text of one snapshot (`None` if encoding failed).
+pub fn render(snapshot: Snapshot) -> Option<Bytes> {
     let mut registry = Registry::default();
     registry.register_collector(Box::new(SnapshotCollector {
         snap: Arc::new(snapshot),
     }));
     let mut text = String::with_capacity(16 * 1024);
-    let result = prometheus_client::encoding::text::encode(&mut text, &registry);
+    prometheus_client::encoding::text::encode(&mut text, &registry).ok()?;
+    Some(Bytes::from(text))
+}
+
+/// The `/metrics` response from rendered text.
+pub fn respond(text: Option<&Bytes>) -> Response<Body> {
     let mut r = Response::new(Body::default());
-    match result {
-        Ok(()) => {
-            *r.body_mut() = Body::new(Bytes::from(text));
+    match text {
+        Some(t) => {
+            *r.body_mut() = Body::new(t.clone());
             r.headers_mut().insert(
                 CONTENT_TYPE,
                 HeaderValue::from_static(
@@ -322,7 +327,7 @@ pub fn respond(snapshot: Snapshot) -> Response<Body> {
                 ),
             );
         }
-        Err(_) => *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR,
+        None => *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR,
     }
     r
 }

@@ -22,11 +22,12 @@ mod metrics;
 mod probes;
 pub mod rejection;
 pub mod response;
+mod views;
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use http_body_util::{BodyExt, Limited};
 use hyper::body::{Body as _, Incoming};
@@ -35,10 +36,11 @@ use hyper::{Method, Request, Response};
 
 use crate::config::AllowedOrigins;
 use crate::event::{self, EventKind, Limits};
-use crate::shard::ShardSet;
+use crate::shard::{ShardFull, ShardSet};
 use crate::stats::{Counter, RateLimitedLog, Route, Snapshot, Stats, WriteSideStatus};
 pub use rejection::Rejection;
 use response::Body;
+pub use views::ViewCache;
 
 /// Bodies on the event endpoints are read and discarded up to this size
 /// (`sendBeacon` may attach a small payload); larger ones get `413`.
@@ -59,9 +61,24 @@ pub struct AppState {
     pub write_side: Arc<dyn WriteSideStatus>,
     pub origins: AllowedOrigins,
     pub limits: Limits,
+    /// A request body must arrive within this (`BODY_READ_TIMEOUT_MS`).
+    pub body_read_timeout: Duration,
     pub shutting_down: AtomicBool,
     /// One log line per second at most for pixels dropped while shedding.
     pub dropped_log: RateLimitedLog,
+    /// `/health` and `/metrics`, rendered at most once per `VIEW_CACHE_MS`.
+    pub views: ViewCache,
+    /// True when `ADMIN_PORT` serves `/metrics`, `/livez` and `/readyz`.
+    pub admin_port: bool,
+}
+
+/// Which listener a request came in on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Listener {
+    /// `PORT`: the events, `/health`, and the other views unless `ADMIN_PORT` is set.
+    Main,
+    /// `ADMIN_PORT`: the operator views only.
+    Admin,
 }
 
 impl AppState {
@@ -99,7 +116,16 @@ enum Target {
 }
 
 impl Target {
-    fn of(method: &Method, path: &str) -> (Route, Target) {
+    fn of(method: &Method, path: &str, on: Listener, admin_port: bool) -> (Route, Target) {
+        let on_this_port = match (on, path) {
+            (Listener::Admin, "/health" | "/metrics" | "/livez" | "/readyz") => true,
+            (Listener::Admin, _) => false,
+            (Listener::Main, "/metrics" | "/livez" | "/readyz") => !admin_port,
+            (Listener::Main, _) => true,
+        };
+        if !on_this_port {
+            return (Route::Other, Target::Refused(Rejection::NotFound));
+        }
         let kind = match path {
             "/event/impression" => EventKind::Impression,
             "/event/click" => EventKind::Click,
@@ -151,18 +177,21 @@ impl Target {
     }
 }
 
-/// Handles one request. Never fails: every problem is a response.
+/// Handles one request that came in on `on`. Never fails: every problem is
+/// a response.
 pub async fn handle(
     state: Arc<AppState>,
+    on: Listener,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let started = Instant::now();
-    let (route, target) = Target::of(req.method(), req.uri().path());
+    let (route, target) = Target::of(req.method(), req.uri().path(), on, state.admin_port);
     let (response, refused) = respond(&state, target, req).await;
     if let Some(r) = refused {
         if matches!(target, Target::Record(..)) {
             let counter = match r {
                 Rejection::Overloaded => Counter::Shed,
+                Rejection::ShuttingDown => Counter::RefusedShuttingDown,
                 _ => Counter::RejectedInvalid,
             };
             state.stats.add(counter, 1);
@@ -211,7 +240,7 @@ async fn respond(
         Target::Record(kind, route) => {
             let is_get = matches!(route, Route::GetImpression | Route::GetClick);
             let (parts, body) = req.into_parts();
-            let outcome = match drain_body(body).await {
+            let outcome = match drain_body(body, state.body_read_timeout).await {
                 Ok(()) => record(state, kind, &parts, is_get),
                 Err(r) => Err(r),
             };
@@ -250,8 +279,11 @@ async fn respond(
         },
         Target::View(view, with_body) => {
             let mut r = match view {
-                "/health" => health::respond(&state.snapshot(), req.headers()),
-                "/metrics" => metrics::respond(state.snapshot()),
+                "/health" => {
+                    let v = state.views.get(state);
+                    health::respond(&v.health, v.health_gz.as_ref(), req.headers())
+                }
+                "/metrics" => metrics::respond(state.views.get(state).metrics.as_ref()),
                 "/livez" => probes::livez(state),
                 _ => probes::readyz(state),
             };
@@ -283,6 +315,8 @@ fn record(
         match state.shards.record(&ev, ua.as_deref(), received) {
             Ok(()) if is_get => Ok(response::pixel(true)),
             Ok(()) => Ok(response::accepted()),
+            // Not stored, so never acknowledged: not even with a pixel.
+            Err(ShardFull::Closed) => Err(Rejection::ShuttingDown),
             Err(refused) if is_get => {
                 // The pixel still renders; the event is counted as dropped.
                 state.stats.add(Counter::DroppedBufferFull, 1);
@@ -300,17 +334,19 @@ fn record(
     })
 }
 
-/// Reads and discards a request body, refusing bodies over [`MAX_BODY_BYTES`].
-async fn drain_body(body: Incoming) -> Result<(), Rejection> {
+/// Reads and discards a request body, refusing bodies over [`MAX_BODY_BYTES`]
+/// or slower than `deadline`.
+async fn drain_body(body: Incoming, deadline: Duration) -> Result<(), Rejection> {
     if body.is_end_stream() {
         return Ok(());
     }
     if body.size_hint().lower() > MAX_BODY_BYTES as u64 {
         return Err(Rejection::BodyTooLarge);
     }
-    match Limited::new(body, MAX_BODY_BYTES).collect().await {
-        Ok(_) => Ok(()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(Rejection::BodyTooLarge),
-        Err(_) => Err(Rejection::BadBody),
+    match tokio::time::timeout(deadline, Limited::new(body, MAX_BODY_BYTES).collect()).await {
+        Err(_) => Err(Rejection::BodyTimeout),
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(Rejection::BodyTooLarge),
+        Ok(Err(_)) => Err(Rejection::BadBody),
     }
 }

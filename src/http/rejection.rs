@@ -9,7 +9,7 @@
 //! variant, its arms below, and its row in the README.
 
 use bytes::Bytes;
-use hyper::header::{HeaderValue, ALLOW, CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER};
+use hyper::header::{HeaderValue, ALLOW, CACHE_CONTROL, CONNECTION, CONTENT_TYPE, RETRY_AFTER};
 use hyper::{Response, StatusCode};
 
 use super::response::Body;
@@ -28,6 +28,10 @@ pub enum Rejection {
     /// The request body is over [`MAX_BODY_BYTES`].
     #[error("request body too large")]
     BodyTooLarge,
+    /// The request body did not arrive within `BODY_READ_TIMEOUT_MS`; the
+    /// connection is closed.
+    #[error("request body too slow")]
+    BodyTimeout,
     /// The request target is over [`MAX_URI_BYTES`].
     #[error("request target too long")]
     UriTooLong,
@@ -46,6 +50,10 @@ pub enum Rejection {
     /// The memory cap is reached and the spool cannot take more.
     #[error("overloaded")]
     Overloaded,
+    /// The final flush has begun: the event could not be stored, so it is
+    /// not acknowledged.
+    #[error("shutting down")]
+    ShuttingDown,
 }
 
 impl Rejection {
@@ -58,10 +66,12 @@ impl Rejection {
         (403, "origin_not_allowed"),
         (404, "not_found"),
         (405, "method_not_allowed"),
+        (408, "body_timeout"),
         (413, "body_too_large"),
         (414, "uri_too_long"),
         (431, "headers_too_large"),
         (503, "overloaded"),
+        (503, "shutting_down"),
     ];
 
     pub fn status(&self) -> StatusCode {
@@ -71,9 +81,10 @@ impl Rejection {
             Rejection::NotFound => StatusCode::NOT_FOUND,
             Rejection::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Rejection::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Rejection::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             Rejection::UriTooLong => StatusCode::URI_TOO_LONG,
             Rejection::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            Rejection::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            Rejection::Overloaded | Rejection::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -83,12 +94,14 @@ impl Rejection {
             Rejection::Param(e) => e.problem.code(),
             Rejection::BadBody => "bad_body",
             Rejection::BodyTooLarge => "body_too_large",
+            Rejection::BodyTimeout => "body_timeout",
             Rejection::UriTooLong => "uri_too_long",
             Rejection::HeadersTooLarge => "headers_too_large",
             Rejection::NotFound => "not_found",
             Rejection::MethodNotAllowed(_) => "method_not_allowed",
             Rejection::OriginNotAllowed => "origin_not_allowed",
             Rejection::Overloaded => "overloaded",
+            Rejection::ShuttingDown => "shutting_down",
         }
     }
 
@@ -108,6 +121,9 @@ impl Rejection {
             Rejection::BodyTooLarge => format!(
                 "event endpoints take their data in the query string; bodies over {MAX_BODY_BYTES} bytes are refused"
             ),
+            Rejection::BodyTimeout => {
+                "the request body did not arrive in time; the connection is closed".into()
+            }
             Rejection::UriTooLong => {
                 format!("request target longer than {MAX_URI_BYTES} bytes")
             }
@@ -118,6 +134,9 @@ impl Rejection {
             Rejection::MethodNotAllowed(allow) => format!("allowed methods: {allow}"),
             Rejection::OriginNotAllowed => "this origin is not in ALLOWED_ORIGINS".into(),
             Rejection::Overloaded => "event buffer is full, retry later".into(),
+            Rejection::ShuttingDown => {
+                "this instance is shutting down and did not store the event; retry".into()
+            }
         }
     }
 
@@ -145,7 +164,8 @@ impl Rejection {
     }
 
     /// The response: status, JSON body, `Cache-Control: no-store`, and
-    /// `Allow` or `Retry-After` where the status calls for them.
+    /// `Allow`, `Retry-After` or `Connection: close` where the status calls
+    /// for them.
     pub fn into_response(self) -> Response<Body> {
         let mut r = Response::new(Body::new(Bytes::from(self.body())));
         *r.status_mut() = self.status();
@@ -158,6 +178,13 @@ impl Rejection {
             }
             Rejection::Overloaded => {
                 h.insert(RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            Rejection::ShuttingDown => {
+                h.insert(RETRY_AFTER, HeaderValue::from_static("1"));
+                h.insert(CONNECTION, HeaderValue::from_static("close"));
+            }
+            Rejection::BodyTimeout => {
+                h.insert(CONNECTION, HeaderValue::from_static("close"));
             }
             _ => {}
         }
@@ -193,6 +220,8 @@ mod tests {
             }),
             Rejection::BadBody,
             Rejection::BodyTooLarge,
+            Rejection::BodyTimeout,
+            Rejection::ShuttingDown,
             Rejection::UriTooLong,
             Rejection::HeadersTooLarge,
             Rejection::NotFound,

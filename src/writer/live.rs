@@ -16,7 +16,8 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinSet;
 
-use super::retry::{Delivery, Fallback, Outcome};
+use super::quarantine::SpoolQuarantine;
+use super::retry::{Delivery, Fallback};
 use super::PgWriter;
 use crate::batch::Batch;
 use crate::spool::Spool;
@@ -27,8 +28,12 @@ use crate::stats::{Counter, RateLimitedLog, Stats};
 pub struct DeliveryReport {
     pub committed: u64,
     pub spooled: u64,
+    pub quarantined: u64,
     pub unwritten: u64,
 }
+
+/// The live path: PostgreSQL, with the spool as fallback and quarantine.
+pub type LiveDelivery = Delivery<PgWriter, SpoolFallback, SpoolQuarantine>;
 
 /// The spool as the live path's fallback: appends on a blocking thread.
 pub struct SpoolFallback {
@@ -103,21 +108,24 @@ impl Fallback for SpoolFallback {
 /// channel is closed and every batch has an outcome; `abort` (the shutdown
 /// deadline) turns every remaining write into a spool attempt.
 pub async fn run(
-    delivery: Arc<Delivery<PgWriter, SpoolFallback>>,
+    delivery: Arc<LiveDelivery>,
     mut batches: mpsc::Receiver<Batch>,
     concurrency: usize,
     abort: watch::Receiver<bool>,
 ) -> DeliveryReport {
     let permits = Arc::new(Semaphore::new(concurrency.max(1)));
-    let mut tasks: JoinSet<(Outcome, u64)> = JoinSet::new();
+    let mut tasks: JoinSet<super::retry::Outcome> = JoinSet::new();
     let mut report = DeliveryReport::default();
-    let absorb = |r: Result<(Outcome, u64), tokio::task::JoinError>,
+    let absorb = |r: Result<super::retry::Outcome, tokio::task::JoinError>,
                   report: &mut DeliveryReport| match r {
-        Ok((Outcome::Committed(_), n)) => report.committed += n,
-        Ok((Outcome::HandedOff, n)) => report.spooled += n,
-        Ok((Outcome::Stopped(b), n)) => {
-            tracing::error!(batch = %b.id, events = n, "shutdown deadline: batch neither written nor spooled");
-            report.unwritten += n;
+        Ok(o) => {
+            report.committed += o.committed;
+            report.spooled += o.handed_off;
+            report.quarantined += o.quarantined;
+            report.unwritten += o.unwritten();
+            for b in &o.returned {
+                tracing::error!(batch = %b.id, events = b.len(), "shutdown deadline: batch neither written nor spooled");
+            }
         }
         Err(e) => tracing::error!(error = %e, "delivery task failed"),
     };
@@ -133,7 +141,7 @@ pub async fn run(
             let outcome = d.deliver(batch, &mut abort).await;
             d.stats.in_writer.fetch_sub(n, Relaxed);
             d.stats.in_writer_bytes.fetch_sub(bytes, Relaxed);
-            (outcome, n)
+            outcome
         });
         while let Some(r) = tasks.try_join_next() {
             absorb(r, &mut report);

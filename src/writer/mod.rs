@@ -15,6 +15,7 @@
 //! This side sees only [`Batch`]; it never reaches back into request handling.
 
 pub mod live;
+pub mod quarantine;
 pub mod replay;
 pub mod retry;
 pub mod sink;
@@ -22,7 +23,7 @@ pub mod sink;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use deadpool_postgres::{Pool, Transaction};
 use futures_util::SinkExt;
@@ -31,7 +32,7 @@ use uuid::Uuid;
 
 use crate::accounts::AccountCache;
 use crate::batch::{Batch, Row};
-use crate::db::{self, DbError};
+use crate::db::{self, Conn, DbError};
 use crate::pgcopy::CopyEncoder;
 use crate::stats::Stats;
 pub use sink::{ErrorClass, Sink, WriteError, WriteSummary};
@@ -54,39 +55,80 @@ const UPSERT_AGGREGATES: &str = "INSERT INTO metrics_hourly AS m \
 
 const CLAIM_BATCH: &str =
     "INSERT INTO ingest_batches (id, events) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING";
+const LEDGER_SPLIT: &str = "SELECT split FROM ingest_batches WHERE id = $1";
+const MARK_SPLIT: &str = "INSERT INTO ingest_batches (id, events, split) VALUES ($1, $2, true) \
+     ON CONFLICT (id) DO NOTHING";
 
 /// COPY data is streamed to the server in pieces of about this size.
 const COPY_CHUNK_BYTES: usize = 1 << 20;
+
+/// Deadlines for the calls the writer makes besides batch transactions
+/// (those are bounded by the retry policy).
+#[derive(Debug, Clone, Copy)]
+pub struct Deadlines {
+    /// Campaign lookups, cache reloads, the probe.
+    pub query: Duration,
+    /// The migrations at start.
+    pub migration: Duration,
+}
 
 /// Writes batches through a pooled connection; owns the schema bootstrap.
 pub struct PgWriter {
     pool: Pool,
     accounts: Arc<AccountCache>,
     stats: Arc<Stats>,
+    deadlines: Deadlines,
     ready: OnceCell<()>,
 }
 
+/// What the ledger says about a batch id.
+enum Claim {
+    /// Not seen before: claimed now, in this transaction.
+    New,
+    /// Committed before: nothing to do.
+    Committed,
+    /// Split before (poison isolation, or too many rows): deliver its halves.
+    Split,
+}
+
+/// Returns the connection to the pool when the server answered (success or a
+/// refused statement), closes it otherwise (lost, or stuck past a deadline).
+fn settle<T>(conn: Conn, r: &Result<T, WriteError>) {
+    match r {
+        Ok(_) | Err(WriteError::Refused { .. }) => conn.release(),
+        Err(_) => drop(conn),
+    }
+}
+
 impl PgWriter {
-    pub fn new(pool: Pool, accounts: Arc<AccountCache>, stats: Arc<Stats>) -> Self {
+    pub fn new(
+        pool: Pool,
+        accounts: Arc<AccountCache>,
+        stats: Arc<Stats>,
+        deadlines: Deadlines,
+    ) -> Self {
         PgWriter {
             pool,
             accounts,
             stats,
+            deadlines,
             ready: OnceCell::new(),
         }
     }
 
-    /// Runs the migrations and loads the account cache, once per process.
+    /// Runs the migrations and loads the account cache, once per process;
+    /// each step within its deadline.
     pub async fn ensure_ready(&self) -> Result<(), DbError> {
         self.ready
             .get_or_try_init(|| async {
-                let applied = db::migrate(&self.pool).await?;
+                let applied =
+                    db::within(self.deadlines.migration, "migrations", db::migrate(&self.pool))
+                        .await?;
                 if !applied.is_empty() {
                     tracing::info!(versions = ?applied, "applied migrations");
                 }
                 self.stats.migrated.store(true, Relaxed);
-                let client = self.pool.get().await?;
-                let n = self.accounts.reload(&**client).await?;
+                let n = self.reload_accounts().await?;
                 tracing::info!(campaigns = n, "campaign cache loaded");
                 Ok(())
             })
@@ -94,36 +136,42 @@ impl PgWriter {
             .map(|_| ())
     }
 
+    /// Reloads the whole campaign → account cache, within the query deadline.
+    pub async fn reload_accounts(&self) -> Result<usize, DbError> {
+        db::within(self.deadlines.query, "campaign cache reload", async {
+            let conn = Conn::get(&self.pool).await?;
+            let n = self.accounts.reload(&**conn).await?;
+            conn.release();
+            Ok(n)
+        })
+        .await
+    }
+
+    /// `SELECT 1` within the query deadline: is the database answering?
+    pub async fn probe(&self) -> Result<(), DbError> {
+        db::within(self.deadlines.query, "database probe", async {
+            let conn = Conn::get(&self.pool).await?;
+            conn.simple_query("SELECT 1").await?;
+            conn.release();
+            Ok(())
+        })
+        .await
+    }
+
     /// One attempt at writing `batch` in one transaction.
     async fn write_batch(&self, batch: &Batch) -> Result<WriteSummary, WriteError> {
         self.ensure_ready().await?;
-        let mut client = self.pool.get().await?;
-        let accounts = self.accounts.resolve(&**client, &batch.campaigns()).await?;
-        let tx = client.transaction().await?;
-        if !claim(&tx, batch).await? {
-            tx.rollback().await?;
-            return Ok(WriteSummary {
-                duplicate: true,
-                ..WriteSummary::default()
-            });
-        }
-        let (written, unknown) = copy_events(&tx, batch, &accounts).await?;
-        upsert_aggregates(&tx, batch, &accounts).await?;
-        if unknown > 0 {
-            copy_rejected(
-                &tx,
-                batch,
-                |c| !accounts.contains_key(c),
-                "unknown_campaign",
-            )
-            .await?;
-        }
-        tx.commit().await?;
-        Ok(WriteSummary {
-            written,
-            unknown_campaign: unknown,
-            ..WriteSummary::default()
+        let mut conn = Conn::get(&self.pool).await?;
+        let accounts = db::within(self.deadlines.query, "campaign lookup", async {
+            Ok(self.accounts.resolve(&**conn, &batch.campaigns()).await?)
         })
+        .await;
+        let r = match accounts {
+            Ok(accounts) => write_on(&mut conn, batch, &accounts).await,
+            Err(e) => Err(e.into()),
+        };
+        settle(conn, &r);
+        r
     }
 
     /// Stores every event of `batch` in `rejected_events` with `reason`
@@ -133,21 +181,23 @@ impl PgWriter {
         batch: &Batch,
         reason: &str,
     ) -> Result<WriteSummary, WriteError> {
-        let mut client = self.pool.get().await?;
-        let tx = client.transaction().await?;
-        if !claim(&tx, batch).await? {
-            tx.rollback().await?;
-            return Ok(WriteSummary {
-                duplicate: true,
-                ..WriteSummary::default()
-            });
-        }
-        let n = copy_rejected(&tx, batch, |_| true, reason).await?;
-        tx.commit().await?;
-        Ok(WriteSummary {
-            dead_lettered: n,
-            ..WriteSummary::default()
-        })
+        let mut conn = Conn::get(&self.pool).await?;
+        let r = dead_letter_on(&mut conn, batch, reason).await;
+        settle(conn, &r);
+        r
+    }
+
+    /// Records in the ledger that `batch` is delivered as two halves.
+    async fn mark_split_batch(&self, batch: &Batch) -> Result<(), WriteError> {
+        let conn = Conn::get(&self.pool).await?;
+        let events = i32::try_from(batch.len()).unwrap_or(i32::MAX);
+        let r = conn
+            .execute(MARK_SPLIT, &[&batch.id, &events])
+            .await
+            .map(|_| ())
+            .map_err(WriteError::from);
+        settle(conn, &r);
+        r
     }
 
     pub fn pool(&self) -> &Pool {
@@ -159,6 +209,68 @@ impl PgWriter {
     }
 }
 
+/// What the ledger already knew, as a summary with nothing written.
+fn seen_before(claim: Claim) -> WriteSummary {
+    WriteSummary {
+        duplicate: matches!(claim, Claim::Committed),
+        split: matches!(claim, Claim::Split),
+        ..WriteSummary::default()
+    }
+}
+
+async fn write_on(
+    conn: &mut Conn,
+    batch: &Batch,
+    accounts: &HashMap<Uuid, Uuid>,
+) -> Result<WriteSummary, WriteError> {
+    let tx = conn.transaction().await?;
+    match claim(&tx, batch).await? {
+        Claim::New => {}
+        seen => {
+            tx.rollback().await?;
+            return Ok(seen_before(seen));
+        }
+    }
+    let (written, unknown) = copy_events(&tx, batch, accounts).await?;
+    upsert_aggregates(&tx, batch, accounts).await?;
+    if unknown > 0 {
+        copy_rejected(
+            &tx,
+            batch,
+            |c| !accounts.contains_key(c),
+            "unknown_campaign",
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(WriteSummary {
+        written,
+        unknown_campaign: unknown,
+        ..WriteSummary::default()
+    })
+}
+
+async fn dead_letter_on(
+    conn: &mut Conn,
+    batch: &Batch,
+    reason: &str,
+) -> Result<WriteSummary, WriteError> {
+    let tx = conn.transaction().await?;
+    match claim(&tx, batch).await? {
+        Claim::New => {}
+        seen => {
+            tx.rollback().await?;
+            return Ok(seen_before(seen));
+        }
+    }
+    let n = copy_rejected(&tx, batch, |_| true, reason).await?;
+    tx.commit().await?;
+    Ok(WriteSummary {
+        dead_lettered: n,
+        ..WriteSummary::default()
+    })
+}
+
 impl Sink for PgWriter {
     async fn write(&self, batch: &Batch) -> Result<WriteSummary, WriteError> {
         self.write_batch(batch).await
@@ -167,13 +279,22 @@ impl Sink for PgWriter {
     async fn dead_letter(&self, batch: &Batch, reason: &str) -> Result<WriteSummary, WriteError> {
         self.dead_letter_batch(batch, reason).await
     }
+
+    async fn mark_split(&self, batch: &Batch) -> Result<(), WriteError> {
+        self.mark_split_batch(batch).await
+    }
 }
 
-/// Claims `batch.id` in the ledger; false if it was already there.
-async fn claim(tx: &Transaction<'_>, batch: &Batch) -> Result<bool, tokio_postgres::Error> {
+/// Claims `batch.id` in the ledger, or says what the ledger already knows.
+async fn claim(tx: &Transaction<'_>, batch: &Batch) -> Result<Claim, tokio_postgres::Error> {
     let stmt = tx.prepare_cached(CLAIM_BATCH).await?;
     let events = i32::try_from(batch.len()).unwrap_or(i32::MAX);
-    Ok(tx.execute(&stmt, &[&batch.id, &events]).await? == 1)
+    if tx.execute(&stmt, &[&batch.id, &events]).await? == 1 {
+        return Ok(Claim::New);
+    }
+    let stmt = tx.prepare_cached(LEDGER_SPLIT).await?;
+    let split: bool = tx.query_one(&stmt, &[&batch.id]).await?.get(0);
+    Ok(if split { Claim::Split } else { Claim::Committed })
 }
 
 /// Now, in unix milliseconds.

@@ -5,7 +5,12 @@
 //! A segment is deleted only after every batch read from it has committed
 //! (or was found already committed in the ledger), so a crash mid-replay
 //! replays part of a segment twice, which the ledger turns into no-ops.
-//! Damaged records (torn tail, bad checksum) are reported and skipped.
+//! Damaged records (torn tail, bad checksum) are reported, counted and
+//! skipped, the records after them replayed, and the segment moved to the
+//! quarantine instead of deleted. File system calls run on blocking threads.
+
+/// Replay: PostgreSQL, no fallback (the batches are on disk), with quarantine.
+pub type ReplayDelivery = Delivery<PgWriter, KeepRetrying, SpoolQuarantine>;
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -13,7 +18,8 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use super::retry::{Delivery, KeepRetrying, Outcome};
+use super::quarantine::SpoolQuarantine;
+use super::retry::{Delivery, KeepRetrying};
 use super::PgWriter;
 use crate::spool::{read_segment, Spool};
 use crate::stats::Counter;
@@ -22,13 +28,13 @@ const IDLE_POLL: Duration = Duration::from_millis(250);
 
 /// Replays until `stop` turns true. Batches not yet replayed stay on disk.
 pub async fn run(
-    delivery: Arc<Delivery<PgWriter, KeepRetrying>>,
+    delivery: Arc<ReplayDelivery>,
     spool: Arc<Spool>,
     mut stop: watch::Receiver<bool>,
 ) {
     let stats = delivery.stats.clone();
     loop {
-        if *stop.borrow() {
+        if super::retry::is_stopped(&stop) {
             return;
         }
         let next = if stats.db_up.load(Relaxed) {
@@ -55,7 +61,7 @@ pub async fn run(
                 continue;
             }
         };
-        if let Some(d) = &contents.damage {
+        for d in &contents.damage {
             stats.add(Counter::SpoolDamagedRecords, 1);
             stats.add(Counter::SpoolDamagedBytes, d.skipped_bytes);
             tracing::error!(
@@ -63,25 +69,41 @@ pub async fn run(
                 offset = d.offset,
                 skipped_bytes = d.skipped_bytes,
                 reason = d.reason,
-                good_batches = contents.batches.len(),
-                "damaged spool record: skipped from here to the end of the segment"
+                "damaged spool record skipped; the records after it are replayed"
             );
         }
+        let damage: Vec<String> = contents
+            .damage
+            .iter()
+            .map(|d| format!("{} at offset {} ({} bytes skipped)", d.reason, d.offset, d.skipped_bytes))
+            .collect();
         let (batches, events) = (
             contents.batches.len(),
             contents.batches.iter().map(|b| b.len()).sum::<usize>(),
         );
         for batch in contents.batches {
-            match delivery.deliver(batch, &mut stop).await {
-                Outcome::Committed(_) => {}
-                // No fallback: only a stop ends delivery without a commit.
-                Outcome::HandedOff | Outcome::Stopped(_) => return,
+            let outcome = delivery.deliver(batch, &mut stop).await;
+            if !outcome.returned.is_empty() {
+                return; // stopped: the segment stays for the next run
             }
         }
-        if let Err(e) = spool.remove(&seg) {
-            tracing::error!(segment = %seg.path.display(), error = %e, "cannot delete replayed segment");
-        } else {
-            tracing::info!(segment = %seg.path.display(), batches, events, "spool segment replayed");
+        let (s2, seg2) = (spool.clone(), seg.clone());
+        let done = tokio::task::spawn_blocking(move || {
+            if damage.is_empty() {
+                s2.remove(&seg2).map(|_| None)
+            } else {
+                s2.quarantine_segment(&seg2, &damage.join("; ")).map(Some)
+            }
+        })
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+        match done {
+            Ok(None) => tracing::info!(segment = %seg.path.display(), batches, events, "spool segment replayed"),
+            Ok(Some(to)) => tracing::warn!(segment = %seg.path.display(), quarantined_as = %to.display(), batches, events, "spool segment replayed except its damaged records; moved to the quarantine"),
+            Err(e) => {
+                tracing::error!(segment = %seg.path.display(), error = %e, "cannot remove a replayed segment; retrying shortly");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
         }
     }
 }

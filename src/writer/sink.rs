@@ -19,6 +19,8 @@ pub struct WriteSummary {
     pub dead_lettered: u64,
     /// The ledger already had this batch: it committed before; nothing changed.
     pub duplicate: bool,
+    /// The ledger says this batch was split before: deliver its halves.
+    pub split: bool,
 }
 
 impl WriteSummary {
@@ -34,8 +36,9 @@ pub enum ErrorClass {
     /// The database could not be reached or did not answer in time: the same
     /// batch may well succeed later.
     Transient,
-    /// The database refused the data itself (SQLSTATE class 22 or 23): the
-    /// same rows will be refused again.
+    /// The database refused the data itself (SQLSTATE class 22 data
+    /// exception, 23 integrity constraint, P0 raised by a trigger): the same
+    /// rows will be refused again.
     Data,
 }
 
@@ -141,4 +144,8 @@ pub trait Sink: Send + Sync + 'static {
         batch: &Batch,
         reason: &str,
     ) -> impl Future<Output = Result<WriteSummary, WriteError>> + Send;
+
+    /// Records in the ledger that `batch` is delivered as its two halves
+    /// ([`Batch::halves`]), so a later attempt at the whole is sent to them.
+    fn mark_split(&self, batch: &Batch) -> impl Future<Output = Result<(), WriteError>> + Send;
 }

@@ -182,7 +182,8 @@ impl TestAppBuilder {
 
     /// Starts the service in this process and, with a database, waits until
     /// it has migrated and loaded its campaign cache. Test defaults: flush
-    /// every 200 ms (100 ms without a database), pool of 5, 10 s shutdown.
+    /// every 200 ms (100 ms without a database), pool of 5, 10 s shutdown,
+    /// `/health` rendered fresh for every request (`VIEW_CACHE_MS=0`).
     pub async fn start(mut self) -> TestApp {
         let (db_url, service_url, proxy) = self.prepare().await;
         let unreachable = matches!(self.database, Database::Unreachable);
@@ -190,6 +191,8 @@ impl TestAppBuilder {
         config.flush_interval = Duration::from_millis(if unreachable { 100 } else { 200 });
         config.pool_max = 5;
         config.shutdown_timeout = Duration::from_secs(10);
+        // Tests read /health right after acting: render it fresh every time.
+        config.view_cache = Duration::ZERO;
         if unreachable {
             config.connect_timeout = Duration::from_millis(200);
         }
@@ -262,6 +265,7 @@ impl TestAppBuilder {
             ("FLUSH_INTERVAL_MS".into(), "100".into()),
             ("DB_CONNECT_TIMEOUT_MS".into(), "300".into()),
             ("LOG_LEVEL".into(), "warn".into()),
+            ("VIEW_CACHE_MS".into(), "0".into()),
         ];
         for (k, v) in self.settings.drain(..) {
             env.retain(|(name, _)| *name != k);
