@@ -82,7 +82,9 @@ const SESSION_OPTIONS: &str = "-c TimeZone=UTC";
 /// connect deadline, `TimeZone=UTC` added to (never in place of) the URL's
 /// `options`, and TCP keepalive and `TCP_USER_TIMEOUT` so a dead peer is
 /// noticed in seconds even on an idle connection (each unless the URL sets it).
-pub fn pg_config(config: &Config) -> Result<(tokio_postgres::Config, crate::tls::TlsSettings), DbError> {
+pub fn pg_config(
+    config: &Config,
+) -> Result<(tokio_postgres::Config, crate::tls::TlsSettings), DbError> {
     let raw = config.database_url.expose();
     let (url, tls) = crate::tls::split_url(raw)?;
     let mut pg: tokio_postgres::Config = url.parse().map_err(DbError::Url)?;

@@ -42,6 +42,7 @@
 //! | [`db`] | write | the connection pool and the embedded migrations |
 //! | [`tls`] | write | TLS to PostgreSQL with libpq's `sslmode` meanings |
 //! | [`write_side`] | wiring | the write side's thread and runtime; its status handle |
+//! | [`cli`] | commands | `migrate`, `quarantine list/retry` (and the next commands), one file each |
 //!
 //! The request side imports nothing from the write side, and the write side
 //! sees only batches; `scripts/check-layers.sh` (run by the test script)
@@ -50,6 +51,7 @@
 pub mod accounts;
 pub mod admission;
 pub mod batch;
+pub mod cli;
 pub mod config;
 pub mod coordinator;
 pub mod db;

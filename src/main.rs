@@ -6,7 +6,10 @@
 
 use std::process::ExitCode;
 
+use std::time::Duration;
+
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use ingest::cli;
 use ingest::config::Config;
 
 #[global_allocator]
@@ -26,6 +29,23 @@ enum Command {
     Serve,
     /// Apply the migrations and exit.
     Migrate,
+    /// Rows the database refused in both tables, kept in SPOOL_DIR/quarantine.
+    Quarantine {
+        #[command(subcommand)]
+        action: QuarantineAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum QuarantineAction {
+    /// List the quarantined files, their events and the database's errors.
+    List,
+    /// Send the quarantined rows again; delete each file once its rows are stored.
+    Retry {
+        /// Give up on rows still not stored after this many seconds.
+        #[arg(long, default_value_t = 60)]
+        timeout_secs: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -60,30 +80,16 @@ fn main() -> ExitCode {
     };
     runtime.block_on(async move {
         match cli.command.unwrap_or(Command::Serve) {
-            Command::Migrate => migrate(config).await,
             Command::Serve => serve(config).await,
+            Command::Migrate => cli::migrate::run(&config).await,
+            Command::Quarantine {
+                action: QuarantineAction::List,
+            } => cli::quarantine::list(&config),
+            Command::Quarantine {
+                action: QuarantineAction::Retry { timeout_secs },
+            } => cli::quarantine::retry(&config, Duration::from_secs(timeout_secs)).await,
         }
     })
-}
-
-async fn migrate(config: Config) -> ExitCode {
-    let pool = match ingest::db::pool(&config) {
-        Ok(p) => p,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot build the pool");
-            return ExitCode::FAILURE;
-        }
-    };
-    match ingest::db::migrate(&pool).await {
-        Ok(applied) => {
-            tracing::info!(applied = ?applied, "migrations up to date");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "migration failed");
-            ExitCode::FAILURE
-        }
-    }
 }
 
 async fn serve(config: Config) -> ExitCode {

@@ -269,7 +269,11 @@ impl Spool {
         if let Err(e) = a.file.write_all(&record).and_then(|_| a.file.sync_data()) {
             // Cut the partial record off so the segment stays clean; if even
             // that fails, seal it as it is (a reader skips a torn tail).
-            let clean = a.file.set_len(a.len).and_then(|_| a.file.sync_data()).is_ok();
+            let clean = a
+                .file
+                .set_len(a.len)
+                .and_then(|_| a.file.sync_data())
+                .is_ok();
             if !clean {
                 if let Some(torn) = active.take() {
                     let len = torn.file.metadata().map(|m| m.len()).unwrap_or(torn.len);
@@ -297,10 +301,8 @@ impl Spool {
     fn io_error(&self, e: io::Error) -> SpoolError {
         if e.raw_os_error() == Some(28) {
             // ENOSPC
-            self.paused_until_ms.store(
-                self.now_ms() + DISK_FULL_PAUSE.as_millis() as u64,
-                Relaxed,
-            );
+            self.paused_until_ms
+                .store(self.now_ms() + DISK_FULL_PAUSE.as_millis() as u64, Relaxed);
             SpoolError::DiskFull
         } else {
             SpoolError::Io(e)
@@ -372,22 +374,34 @@ impl Spool {
         Ok(to)
     }
 
-    /// Keeps one encoded record (see [`encode_record`]) in the quarantine as
-    /// `<id>.seg`, with `error` in `<id>.error`. Blocking.
+    /// Keeps one encoded record in the quarantine (see [`quarantine_record`]).
     pub fn quarantine(&self, id: Uuid, record: &[u8], error: &str) -> io::Result<PathBuf> {
-        let qdir = self.quarantine_dir();
-        private_dir(&qdir)?;
-        let path = qdir.join(format!("{id}.seg"));
-        let tmp = qdir.join(format!("{id}.seg.tmp"));
-        let _ = fs::remove_file(&tmp);
-        let mut f = create_private(&tmp)?;
-        f.write_all(record)?;
-        f.sync_data()?;
-        fs::rename(&tmp, &path)?;
-        write_note(&qdir.join(format!("{id}.error")), error)?;
-        sync_dir(&qdir)?;
-        Ok(path)
+        quarantine_record(&self.dir, id, record, error)
     }
+}
+
+/// Keeps one encoded record (see [`encode_record`]) in the quarantine of the
+/// spool in `spool_dir`, as `<id>.seg` with `error` in `<id>.error`; an older
+/// file of the same id is replaced. Needs no lock on the spool (the service
+/// and `ingest quarantine retry` may both write here). Blocking.
+pub fn quarantine_record(
+    spool_dir: &Path,
+    id: Uuid,
+    record: &[u8],
+    error: &str,
+) -> io::Result<PathBuf> {
+    let qdir = spool_dir.join(QUARANTINE);
+    private_dir(&qdir)?;
+    let path = qdir.join(format!("{id}.seg"));
+    let tmp = qdir.join(format!("{id}.seg.tmp"));
+    let _ = fs::remove_file(&tmp);
+    let mut f = create_private(&tmp)?;
+    f.write_all(record)?;
+    f.sync_data()?;
+    fs::rename(&tmp, &path)?;
+    write_note(&qdir.join(format!("{id}.error")), error)?;
+    sync_dir(&qdir)?;
+    Ok(path)
 }
 
 fn write_note(path: &Path, text: &str) -> io::Result<()> {
@@ -419,7 +433,8 @@ fn record_at(data: &[u8], off: usize) -> Result<(Batch, usize), &'static str> {
     let Some(header) = data.get(off..off + HEADER) else {
         return Err("torn record header");
     };
-    let word = |i: usize| u32::from_be_bytes([header[i], header[i + 1], header[i + 2], header[i + 3]]);
+    let word =
+        |i: usize| u32::from_be_bytes([header[i], header[i + 1], header[i + 2], header[i + 3]]);
     if word(0) != MAGIC {
         return Err("bad record magic");
     }
@@ -727,7 +742,10 @@ mod tests {
         assert_eq!(got.batches[0].id, a.id);
         assert_eq!(got.damage.len(), 1);
         assert_eq!(got.damage[0].reason, "torn record payload");
-        assert_eq!(got.damage[0].offset + got.damage[0].skipped_bytes, cut as u64);
+        assert_eq!(
+            got.damage[0].offset + got.damage[0].skipped_bytes,
+            cut as u64
+        );
         let _ = fs::remove_dir_all(&dir);
     }
 
@@ -751,7 +769,9 @@ mod tests {
         assert_eq!(got.damage[0].reason, "checksum mismatch");
         assert_eq!(got.damage[0].offset, second as u64);
         assert_eq!(got.damage[0].skipped_bytes, encode_record(&b).len() as u64);
-        let moved = spool.quarantine_segment(&seg, "checksum mismatch").expect("quarantine");
+        let moved = spool
+            .quarantine_segment(&seg, "checksum mismatch")
+            .expect("quarantine");
         assert!(moved.exists() && !seg.path.exists());
         assert_eq!(spool.bytes(), 0);
         let listed = list_quarantine(&dir).expect("list");

@@ -95,7 +95,7 @@ impl WriteSide {
         });
         let policy = RetryPolicy::new(c.write_timeout, c.batch_max_rows);
         let quarantine = || SpoolQuarantine {
-            spool: self.spool.clone(),
+            dir: self.spool.dir().to_path_buf(),
         };
         let (stop_replay, replay_stop) = watch::channel(false);
         let replayer = Delivery::new(

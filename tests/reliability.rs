@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,10 +13,9 @@ use common::pg::PgCluster;
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-const AD_UNIT_2: &str = "0a4a4f0e-9a35-4c39-a6a1-1f8f26a0c0de";
-
-/// Sends events from `clients` concurrent clients until `stop`; returns the 2xx count.
-/// Any other status fails the test: with the spool available nothing is refused.
+/// Sends events from `clients` concurrent clients until `stop`; returns the
+/// 2xx count. Any other answer fails the test: with the spool available
+/// nothing is refused.
 fn load(
     base: String,
     camps: Vec<Campaign>,
@@ -24,40 +23,13 @@ fn load(
     stop: Arc<AtomicBool>,
 ) -> tokio::task::JoinHandle<u64> {
     tokio::spawn(async move {
-        let ok = Arc::new(AtomicU64::new(0));
-        let mut tasks = Vec::new();
-        for t in 0..clients {
-            let (base, camps, stop, ok) = (base.clone(), camps.clone(), stop.clone(), ok.clone());
-            tasks.push(tokio::spawn(async move {
-                let http = reqwest::Client::new();
-                let mut i = t;
-                while !stop.load(SeqCst) {
-                    let c = camps[i % camps.len()];
-                    let au = if i % 2 == 0 { AD_UNIT } else { AD_UNIT_2 };
-                    let path = if i % 10 == 0 {
-                        "/event/click"
-                    } else {
-                        "/event/impression"
-                    };
-                    let r = http
-                        .post(format!("{base}{path}?{}", event_query(c.id, au, None)))
-                        .send()
-                        .await;
-                    match r {
-                        Ok(r) if r.status() == 204 => {
-                            ok.fetch_add(1, SeqCst);
-                        }
-                        Ok(r) => panic!("unexpected status {}", r.status()),
-                        Err(e) => panic!("request failed: {e}"),
-                    }
-                    i += clients;
-                }
-            }));
-        }
-        for t in tasks {
-            t.await.expect("client");
-        }
-        ok.load(SeqCst)
+        let tally = Load::run(base, camps, clients, stop).await;
+        assert_eq!(
+            tally.other + tally.failed + tally.unavailable,
+            0,
+            "every request acknowledged: {tally:?}"
+        );
+        tally.acknowledged
     })
 }
 

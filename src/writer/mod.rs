@@ -121,9 +121,12 @@ impl PgWriter {
     pub async fn ensure_ready(&self) -> Result<(), DbError> {
         self.ready
             .get_or_try_init(|| async {
-                let applied =
-                    db::within(self.deadlines.migration, "migrations", db::migrate(&self.pool))
-                        .await?;
+                let applied = db::within(
+                    self.deadlines.migration,
+                    "migrations",
+                    db::migrate(&self.pool),
+                )
+                .await?;
                 if !applied.is_empty() {
                     tracing::info!(versions = ?applied, "applied migrations");
                 }
@@ -294,7 +297,11 @@ async fn claim(tx: &Transaction<'_>, batch: &Batch) -> Result<Claim, tokio_postg
     }
     let stmt = tx.prepare_cached(LEDGER_SPLIT).await?;
     let split: bool = tx.query_one(&stmt, &[&batch.id]).await?.get(0);
-    Ok(if split { Claim::Split } else { Claim::Committed })
+    Ok(if split {
+        Claim::Split
+    } else {
+        Claim::Committed
+    })
 }
 
 /// Now, in unix milliseconds.

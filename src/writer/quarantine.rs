@@ -4,26 +4,28 @@
 //! operator to inspect (`ingest quarantine list`) and send again once the
 //! cause is fixed (`ingest quarantine retry`).
 
-use std::sync::Arc;
+use std::path::PathBuf;
 
 use super::retry::Quarantine;
 use crate::batch::Batch;
-use crate::spool::Spool;
 
-/// Quarantines into the spool directory, on a blocking thread.
+/// Quarantines into `SPOOL_DIR/quarantine/`, on a blocking thread.
 pub struct SpoolQuarantine {
-    pub spool: Arc<Spool>,
+    /// The spool directory.
+    pub dir: PathBuf,
 }
 
 impl Quarantine for SpoolQuarantine {
     async fn keep(&self, batch: &Batch, error: &str) -> Result<(), String> {
-        let spool = self.spool.clone();
+        let dir = self.dir.clone();
         let (record, error) = (crate::spool::encode_record(batch), error.to_string());
         let id = batch.id;
-        tokio::task::spawn_blocking(move || spool.quarantine(id, &record, &error))
-            .await
-            .map_err(|e| e.to_string())?
-            .map(|_| ())
-            .map_err(|e| e.to_string())
+        tokio::task::spawn_blocking(move || {
+            crate::spool::quarantine_record(&dir, id, &record, &error)
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map(|_| ())
+        .map_err(|e| e.to_string())
     }
 }

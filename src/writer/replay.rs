@@ -75,7 +75,12 @@ pub async fn run(
         let damage: Vec<String> = contents
             .damage
             .iter()
-            .map(|d| format!("{} at offset {} ({} bytes skipped)", d.reason, d.offset, d.skipped_bytes))
+            .map(|d| {
+                format!(
+                    "{} at offset {} ({} bytes skipped)",
+                    d.reason, d.offset, d.skipped_bytes
+                )
+            })
             .collect();
         let (batches, events) = (
             contents.batches.len(),
@@ -98,8 +103,12 @@ pub async fn run(
         .await
         .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
         match done {
-            Ok(None) => tracing::info!(segment = %seg.path.display(), batches, events, "spool segment replayed"),
-            Ok(Some(to)) => tracing::warn!(segment = %seg.path.display(), quarantined_as = %to.display(), batches, events, "spool segment replayed except its damaged records; moved to the quarantine"),
+            Ok(None) => {
+                tracing::info!(segment = %seg.path.display(), batches, events, "spool segment replayed")
+            }
+            Ok(Some(to)) => {
+                tracing::warn!(segment = %seg.path.display(), quarantined_as = %to.display(), batches, events, "spool segment replayed except its damaged records; moved to the quarantine")
+            }
             Err(e) => {
                 tracing::error!(segment = %seg.path.display(), error = %e, "cannot remove a replayed segment; retrying shortly");
                 tokio::time::sleep(Duration::from_secs(1)).await;

@@ -130,6 +130,7 @@ pub struct Delivery<S, F, Q> {
     pub replay: bool,
     failure_log: RateLimitedLog,
     poison_log: RateLimitedLog,
+    quarantine_log: RateLimitedLog,
 }
 
 impl<S: Sink, F: Fallback, Q: Quarantine> Delivery<S, F, Q> {
@@ -150,6 +151,7 @@ impl<S: Sink, F: Fallback, Q: Quarantine> Delivery<S, F, Q> {
             replay,
             failure_log: RateLimitedLog::new(Duration::from_secs(5)),
             poison_log: RateLimitedLog::new(Duration::from_secs(5)),
+            quarantine_log: RateLimitedLog::new(Duration::from_secs(5)),
         }
     }
 
@@ -291,13 +293,15 @@ impl<S: Sink, F: Fallback, Q: Quarantine> Delivery<S, F, Q> {
                 match self.quarantine.keep(&row, &error).await {
                     Ok(()) => {
                         self.stats.add(Counter::Quarantined, row.len() as u64);
-                        if self.poison_log.allow() {
+                        if self.quarantine_log.allow() {
                             tracing::error!(batch = %row.id, error = %error, quarantined_total = self.stats.get(Counter::Quarantined), "row refused by both tables; quarantined (ingest quarantine list) (logged every 5 s at most)");
                         }
                         out.quarantined += row.len() as u64;
                         return;
                     }
-                    Err(e) => tracing::error!(batch = %row.id, error = %e, "cannot quarantine a refused row; keeping it in memory"),
+                    Err(e) => {
+                        tracing::error!(batch = %row.id, error = %e, "cannot quarantine a refused row; keeping it in memory")
+                    }
                 }
             }
             self.pause(attempt, row.id, stop).await;
@@ -457,7 +461,10 @@ mod tests {
             if batch.rows().any(|r| r.page_url.contains("poison")) {
                 return Err(refused("23514"));
             }
-            self.ledger.lock().expect("lock").insert(batch.id, batch.len());
+            self.ledger
+                .lock()
+                .expect("lock")
+                .insert(batch.id, batch.len());
             self.events
                 .lock()
                 .expect("lock")
@@ -468,14 +475,21 @@ mod tests {
             })
         }
 
-        async fn dead_letter(&self, batch: &Batch, _reason: &str) -> Result<WriteSummary, WriteError> {
+        async fn dead_letter(
+            &self,
+            batch: &Batch,
+            _reason: &str,
+        ) -> Result<WriteSummary, WriteError> {
             if let Some(s) = self.seen(batch) {
                 return Ok(s);
             }
             if batch.rows().any(|r| r.page_url.contains("poison-both")) {
                 return Err(refused("22001"));
             }
-            self.ledger.lock().expect("lock").insert(batch.id, batch.len());
+            self.ledger
+                .lock()
+                .expect("lock")
+                .insert(batch.id, batch.len());
             self.rejected
                 .lock()
                 .expect("lock")
@@ -595,7 +609,10 @@ mod tests {
         let out = d.deliver(batch(3, &[]), &mut no_stop()).await;
         assert_eq!((out.committed, out.handed_off), (0, 3));
         assert_eq!(*d.fallback.taken.lock().expect("lock"), 1);
-        assert!(!d.stats.db_up.load(Relaxed), "connection loss marks the database down");
+        assert!(
+            !d.stats.db_up.load(Relaxed),
+            "connection loss marks the database down"
+        );
         assert_eq!(d.stats.get(Counter::WriteFailures), 1);
     }
 
@@ -632,25 +649,48 @@ mod tests {
             accept: true,
             taken: Mutex::new(0),
         });
-        let b = batch(1000, &[(3, "poison"), (500, "poison"), (501, "poison"), (999, "poison")]);
+        let b = batch(
+            1000,
+            &[
+                (3, "poison"),
+                (500, "poison"),
+                (501, "poison"),
+                (999, "poison"),
+            ],
+        );
         let all: Vec<String> = b.rows().map(|r| r.page_url.to_string()).collect();
         let out = d.deliver(b, &mut no_stop()).await;
-        assert_eq!((out.committed, out.handed_off, out.quarantined), (1000, 0, 0));
+        assert_eq!(
+            (out.committed, out.handed_off, out.quarantined),
+            (1000, 0, 0)
+        );
         let events = sorted(&d.sink.events);
         let rejected = sorted(&d.sink.rejected);
         assert_eq!(events.len(), 996);
         assert_eq!(
             rejected,
-            ["https://e.x/3/poison", "https://e.x/500/poison", "https://e.x/501/poison", "https://e.x/999/poison"]
+            [
+                "https://e.x/3/poison",
+                "https://e.x/500/poison",
+                "https://e.x/501/poison",
+                "https://e.x/999/poison"
+            ]
         );
         let mut both: Vec<String> = events.iter().chain(&rejected).cloned().collect();
         both.sort();
         let mut want = all;
         want.sort();
         assert_eq!(both, want, "every row once, in one table or the other");
-        assert_eq!(*d.fallback.taken.lock().expect("lock"), 0, "a data error never goes to the spool");
+        assert_eq!(
+            *d.fallback.taken.lock().expect("lock"),
+            0,
+            "a data error never goes to the spool"
+        );
         let calls = d.sink.writes.lock().expect("lock").len();
-        assert!(calls <= 4 * 2 * 10 + 1, "bisection is logarithmic: {calls} writes");
+        assert!(
+            calls <= 4 * 2 * 10 + 1,
+            "bisection is logarithmic: {calls} writes"
+        );
         assert_eq!(d.stats.get(Counter::DeadLettered), 4);
         assert_eq!(d.stats.get(Counter::Written), 996);
     }
@@ -665,7 +705,11 @@ mod tests {
         let kept = d.quarantine.0.lock().expect("lock").clone();
         assert_eq!(kept.len(), 1);
         assert_eq!(kept[0].0, "https://e.x/5/poison-both");
-        assert!(kept[0].1.contains("SQLSTATE 23514") && kept[0].1.contains("SQLSTATE 22001"), "{}", kept[0].1);
+        assert!(
+            kept[0].1.contains("SQLSTATE 23514") && kept[0].1.contains("SQLSTATE 22001"),
+            "{}",
+            kept[0].1
+        );
         assert_eq!(d.stats.get(Counter::Quarantined), 1);
         assert_eq!(sorted(&d.sink.events).len(), 7);
     }
@@ -674,13 +718,16 @@ mod tests {
     async fn a_split_batch_delivered_again_commits_nothing_twice() {
         let d = delivery(KeepRetrying);
         let b = batch(64, &[(10, "poison")]);
-        let copy = Batch::restore(b.id, vec![{
-            let mut buf = Buffer::new();
-            for r in b.rows() {
-                buf.push(&r).expect("room");
-            }
-            buf
-        }]);
+        let copy = Batch::restore(
+            b.id,
+            vec![{
+                let mut buf = Buffer::new();
+                for r in b.rows() {
+                    buf.push(&r).expect("room");
+                }
+                buf
+            }],
+        );
         d.deliver(b, &mut no_stop()).await;
         // The same batch again (a replay after a crash mid-split, or after the
         // operator fixed the cause): the ledger sends it to its halves.

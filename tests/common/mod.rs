@@ -24,6 +24,7 @@ use tokio_postgres::{Client, NoTls};
 use uuid::Uuid;
 
 pub const AD_UNIT: &str = "1b4e28ba-2fa1-41d2-883f-0016d3cca427";
+pub const AD_UNIT_2: &str = "0a4a4f0e-9a35-4c39-a6a1-1f8f26a0c0de";
 pub const CREATIVE: &str = "6f1a9e0c-3d2b-4c5e-9f7a-8b6c5d4e3f21";
 
 pub fn admin_url() -> String {
@@ -590,4 +591,69 @@ pub fn now_ms() -> i64 {
 /// A fresh, not yet existing directory under the system temp dir.
 pub fn temp_dir(tag: &str) -> std::path::PathBuf {
     std::env::temp_dir().join(format!("ingest-test-{tag}-{}", Uuid::new_v4().simple()))
+}
+
+/// What a load run got back.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Load {
+    /// 2xx answers: events the service acknowledged.
+    pub acknowledged: u64,
+    /// 503 answers (overloaded, shutting down).
+    pub unavailable: u64,
+    /// Requests that got no answer (connection refused or closed).
+    pub failed: u64,
+    /// Any other status.
+    pub other: u64,
+}
+
+impl Load {
+    /// Sends events (two ad units, 1 in 10 a click) from `clients` keep-alive
+    /// clients, each one request at a time, until `stop`.
+    pub async fn run(
+        base: String,
+        camps: Vec<Campaign>,
+        clients: usize,
+        stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ) -> Load {
+        use std::sync::atomic::Ordering::SeqCst;
+        let mut tasks = Vec::new();
+        for t in 0..clients {
+            let (base, camps, stop) = (base.clone(), camps.clone(), stop.clone());
+            tasks.push(tokio::spawn(async move {
+                let http = reqwest::Client::new();
+                let mut tally = Load::default();
+                let mut i = t;
+                while !stop.load(SeqCst) {
+                    let c = camps[i % camps.len()];
+                    let au = if i % 2 == 0 { AD_UNIT } else { AD_UNIT_2 };
+                    let path = if i % 10 == 0 {
+                        "/event/click"
+                    } else {
+                        "/event/impression"
+                    };
+                    let r = http
+                        .post(format!("{base}{path}?{}", event_query(c.id, au, None)))
+                        .send()
+                        .await;
+                    match r.map(|r| r.status().as_u16()) {
+                        Ok(200..=299) => tally.acknowledged += 1,
+                        Ok(503) => tally.unavailable += 1,
+                        Ok(_) => tally.other += 1,
+                        Err(_) => tally.failed += 1,
+                    }
+                    i += clients;
+                }
+                tally
+            }));
+        }
+        let mut total = Load::default();
+        for t in tasks {
+            let one = t.await.expect("client");
+            total.acknowledged += one.acknowledged;
+            total.unavailable += one.unavailable;
+            total.failed += one.failed;
+            total.other += one.other;
+        }
+        total
+    }
 }

@@ -203,6 +203,78 @@ impl PgCluster {
         format!("postgres://postgres@127.0.0.1:{}/ingest", self.port)
     }
 
+    pub fn addr(&self) -> std::net::SocketAddr {
+        std::net::SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    /// A streaming-replication standby of `primary` (`pg_basebackup -R`),
+    /// started on its own port. Make it synchronous on the primary with
+    /// `synchronous_standby_names`, so a commit the service saw acknowledged
+    /// is on both.
+    pub fn standby_of(primary: &PgCluster) -> PgCluster {
+        let dir = super::temp_dir("pg-standby");
+        std::fs::create_dir_all(&dir).expect("standby dir");
+        if is_root() {
+            let ok = Command::new("chown")
+                .arg("postgres:")
+                .arg(&dir)
+                .status()
+                .expect("chown");
+            assert!(ok.success());
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let c = PgCluster {
+            dir,
+            port,
+            bin: primary.bin.clone(),
+            extra: String::new(),
+        };
+        let out = c
+            .cmd("pg_basebackup")
+            .arg("-D")
+            .arg(c.dir.join("data"))
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &primary.port.to_string(),
+                "-U",
+                "postgres",
+                "-R",
+                "-X",
+                "stream",
+                "--checkpoint=fast",
+            ])
+            .output()
+            .expect("pg_basebackup");
+        assert!(
+            out.status.success(),
+            "pg_basebackup: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        c.start();
+        c
+    }
+
+    /// Promotes a standby to primary (waits until it accepts writes).
+    pub fn promote(&self) {
+        let out = self
+            .cmd("pg_ctl")
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .args(["-w", "promote"])
+            .output()
+            .expect("pg_ctl promote");
+        assert!(
+            out.status.success(),
+            "pg_ctl promote: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     pub fn start(&self) {
         let opts = format!(
             "-c listen_addresses=127.0.0.1 -p {} -c unix_socket_directories='{}' -c fsync=off{}",
