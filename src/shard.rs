@@ -536,4 +536,55 @@ mod tests {
             )]
         );
     }
+
+    #[test]
+    fn shards_registering_before_any_admission_check_stay_under_the_cap() {
+        let set = Arc::new(ShardSet::with_cap(usize::MAX, 1000));
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                let set = set.clone();
+                std::thread::spawn(move || {
+                    let mut n = 0u64;
+                    while set
+                        .record(&ev(EventKind::Impression, t, 0), None, 1)
+                        .is_ok()
+                    {
+                        n += 1;
+                    }
+                    n
+                })
+            })
+            .collect();
+        let total: u64 = threads.into_iter().map(|h| h.join().expect("thread")).sum();
+        assert!(total <= 1000, "{total} recorded under a cap of 1000");
+        assert!(total >= 990, "the cap is handed out, not lost: {total}");
+        assert_eq!(set.recorded(), total);
+    }
+
+    #[tokio::test]
+    async fn after_the_final_take_nothing_is_recorded_anywhere() {
+        let set = Arc::new(ShardSet::new(1_000_000));
+        set.record(&ev(EventKind::Click, 1, 0), None, 1)
+            .expect("open");
+        let taken = set.close_and_take_all(|_, _| {}).await;
+        assert_eq!(taken.iter().map(Buffer::len).sum::<usize>(), 1);
+        assert!(set.is_closed());
+        assert_eq!(
+            set.record(&ev(EventKind::Click, 1, 0), None, 1),
+            Err(ShardFull::Closed),
+            "this thread's shard is closed"
+        );
+        let other = set.clone();
+        let fresh_thread =
+            std::thread::spawn(move || other.record(&ev(EventKind::Click, 1, 0), None, 1))
+                .join()
+                .expect("thread");
+        assert_eq!(
+            fresh_thread,
+            Err(ShardFull::Closed),
+            "a shard created after the close is closed too"
+        );
+        assert_eq!(set.recorded(), 1);
+        assert!(set.take_all(|_, _| {}).await.is_empty());
+    }
 }

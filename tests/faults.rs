@@ -353,3 +353,198 @@ async fn poison_rows_are_isolated_and_nothing_waits_behind_them() {
     assert_eq!(count(&db, "rejected_events").await, 8);
     assert_eq!(aggregate_drift(&db).await, 0);
 }
+
+/// A tmpfs of `kib` KiB mounted at a new directory, unmounted on drop.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(kib: u32) -> SmallDisk {
+        let dir = temp_dir("tmpfs");
+        std::fs::create_dir_all(&dir).expect("mount point");
+        let out = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={kib}k,mode=0700"),
+                "tmpfs",
+            ])
+            .arg(&dir)
+            .output()
+            .expect("run mount");
+        assert!(
+            out.status.success(),
+            "this test mounts a small tmpfs and needs root (CAP_SYS_ADMIN): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        SmallDisk(dir)
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_spool_disk_sheds_load_and_loses_nothing_it_took() {
+    let disk = SmallDisk::mount(256);
+    let camps = campaigns(2, 1);
+    let app = TestApp::builder()
+        .campaigns(&camps)
+        .through_proxy()
+        .spool_dir(disk.0.join("spool"))
+        .setting("MAX_BUFFERED_EVENTS", 2000)
+        .setting("FLUSH_INTERVAL_MS", 50)
+        .setting("WRITE_TIMEOUT_MS", 500)
+        .setting("DB_CONNECT_TIMEOUT_MS", 300)
+        .setting("DB_QUERY_TIMEOUT_MS", 300)
+        .start()
+        .await;
+    let proxy = app.proxy.as_ref().expect("proxy");
+    proxy.freeze();
+    let stop = Arc::new(AtomicBool::new(false));
+    let sender = load(app.url(""), camps.clone(), 8, stop.clone());
+    // Until the disk is full and memory is at its cap: 503s.
+    let h = wait_health(&app.http, &app.url(""), Duration::from_secs(30), |h| {
+        h["spool"]["failures"].as_u64() > Some(0) && h["pipeline"]["shed"].as_u64() > Some(0)
+    })
+    .await;
+    assert!(
+        h["spool"]["failures"].as_u64() > Some(0),
+        "the disk filled: {h}"
+    );
+    assert!(
+        h["pipeline"]["shed"].as_u64() > Some(0),
+        "load was shed: {h}"
+    );
+    assert!(h["spool"]["bytes"].as_u64() <= Some(256 * 1024), "{h}");
+    // The database comes back: memory and the spool drain into it.
+    proxy.fail_over(server_addr(&app.db_url));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, SeqCst);
+    let sent = sender.await.expect("load");
+    assert!(sent.unavailable > 0 && sent.acknowledged > 0, "{sent:?}");
+    assert_eq!(sent.other + sent.failed, 0, "{sent:?}");
+    let h = wait_health(&app.http, &app.url(""), Duration::from_secs(60), |h| {
+        h["spool"]["bytes"] == 0 && h["pipeline"]["buffered"] == 0
+    })
+    .await;
+    assert_eq!(h["pipeline"]["buffered"], 0, "{h}");
+    assert!(h["spool"]["replayed_events"].as_u64() > Some(0), "{h}");
+    let (report, db) = app.shutdown().await;
+    assert_eq!(report.unwritten, 0);
+    assert_eq!(
+        count(&db, "events").await as u64,
+        sent.acknowledged,
+        "every 2xx stored once; every 503 stored never"
+    );
+    assert_eq!(aggregate_drift(&db).await, 0);
+    drop(disk);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_body_clients_get_408_and_do_not_slow_a_normal_client() {
+    // 2,000 sockets on each side of this process.
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
+    let camps = campaigns(1, 1);
+    let app = TestApp::builder()
+        .campaigns(&camps)
+        .setting("BODY_READ_TIMEOUT_MS", 2000)
+        .start()
+        .await;
+    let q = event_query(camps[0].id, AD_UNIT, None);
+    let head =
+        format!("POST /event/impression?{q} HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nx");
+    let opened = Instant::now();
+    let mut slow = Vec::with_capacity(2000);
+    for _ in 0..2000 {
+        let mut s = tokio::net::TcpStream::connect(app.addr)
+            .await
+            .expect("connect");
+        s.write_all(head.as_bytes()).await.expect("head");
+        slow.push(s);
+    }
+    // A normal client while they hang.
+    let mut took = Vec::new();
+    while opened.elapsed() < Duration::from_millis(1500) {
+        let t = Instant::now();
+        assert_eq!(app.post_event("impression", camps[0].id).await, 204);
+        took.push(t.elapsed());
+    }
+    took.sort();
+    let p = |q: f64| took[((took.len() - 1) as f64 * q) as usize];
+    eprintln!(
+        "normal client with 2,000 slow-body sockets open: {} requests, p50 {:?}, p99 {:?}",
+        took.len(),
+        p(0.5),
+        p(0.99)
+    );
+    assert!(
+        took.len() >= 20,
+        "the normal client was served: {} requests",
+        took.len()
+    );
+    // Each slow socket gets 408 and is closed.
+    let mut codes = std::collections::BTreeMap::new();
+    for mut s in slow {
+        let code = status_of(&mut s).await;
+        let mut rest = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest))
+            .await
+            .is_ok();
+        *codes.entry((code, closed)).or_insert(0) += 1;
+    }
+    assert_eq!(codes.get(&(408, true)), Some(&2000), "{codes:?}");
+    let n = took.len() as i64;
+    let (report, db) = app.shutdown().await;
+    assert_eq!(report.accepted as i64, n);
+    assert_eq!(
+        count(&db, "events").await,
+        n,
+        "the slow ones stored nothing"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_process_on_the_same_spool_refuses_to_start_naming_it() {
+    let spool_dir = temp_dir("spool-shared");
+    let mut first = TestApp::builder()
+        .without_database()
+        .spool_dir(&spool_dir)
+        .start_process()
+        .await;
+    let code = first
+        .post(&format!(
+            "/event/impression?{}",
+            event_query(uuid::Uuid::new_v4(), AD_UNIT, None)
+        ))
+        .await;
+    assert_eq!(code, 204, "the first one runs");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let second = std::process::Command::new(BIN)
+        .env("DATABASE_URL", "postgres://postgres@127.0.0.1:1/none")
+        .env("HOST", "127.0.0.1")
+        .env("PORT", port.to_string())
+        .env("SPOOL_DIR", &spool_dir)
+        .output()
+        .expect("run ingest");
+    assert_eq!(second.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "another process is using SPOOL_DIR {}",
+            spool_dir.display()
+        )),
+        "{stderr}"
+    );
+    assert_eq!(first.sigterm(), Some(0));
+}

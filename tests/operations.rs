@@ -287,3 +287,101 @@ async fn health_reports_the_last_minute_next_to_since_start() {
             > 0.0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_port_serves_the_operator_views_and_the_main_port_keeps_health() {
+    let camps = campaigns(1, 1);
+    let admin_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let app = TestApp::builder()
+        .campaigns(&camps)
+        .setting("HOST", "127.0.0.1")
+        .setting("ADMIN_PORT", admin_port)
+        .start()
+        .await;
+    let admin = format!("http://127.0.0.1:{admin_port}");
+    let status = |url: String| {
+        let http = app.http.clone();
+        async move { http.get(url).send().await.expect("get").status().as_u16() }
+    };
+    for path in ["/metrics", "/livez", "/readyz"] {
+        assert_eq!(status(app.url(path)).await, 404, "main port hides {path}");
+        assert_eq!(
+            status(format!("{admin}{path}")).await,
+            200,
+            "admin port serves {path}"
+        );
+    }
+    assert_eq!(
+        status(app.url("/health")).await,
+        200,
+        "the seed's /health stays on the main port"
+    );
+    assert_eq!(status(format!("{admin}/health")).await, 200);
+    assert_eq!(app.post_event("impression", camps[0].id).await, 204);
+    let on_admin = app
+        .http
+        .post(format!(
+            "{admin}/event/impression?{}",
+            event_query(camps[0].id, AD_UNIT, None)
+        ))
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(on_admin.status(), 404, "no events on the admin port");
+    let (report, db) = app.shutdown().await;
+    assert_eq!(report.accepted, 1);
+    assert_eq!(count(&db, "events").await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_health_and_metrics_renders_one_snapshot_per_second() {
+    let camps = campaigns(1, 1);
+    let app = TestApp::builder()
+        .campaigns(&camps)
+        .setting("VIEW_CACHE_MS", 1000)
+        .start()
+        .await;
+    let renders = |h: &serde_json::Value| h["views"]["renders"].as_u64().expect("renders");
+    let before = renders(&app.health().await.expect("health"));
+    let started = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for t in 0..8 {
+        let (http, base) = (app.http.clone(), app.url(""));
+        tasks.push(tokio::spawn(async move {
+            let path = if t % 2 == 0 { "/health" } else { "/metrics" };
+            let mut n = 0u64;
+            while started.elapsed() < Duration::from_millis(2500) {
+                let r = http
+                    .get(format!("{base}{path}"))
+                    .send()
+                    .await
+                    .expect("view");
+                assert_eq!(r.status(), 200);
+                r.bytes().await.expect("body");
+                n += 1;
+            }
+            n
+        }));
+    }
+    let mut asked = 0;
+    for t in tasks {
+        asked += t.await.expect("flood");
+    }
+    let elapsed = started.elapsed();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let after = renders(&app.health().await.expect("health"));
+    let rendered = after - before;
+    assert!(asked > 200, "a real flood: {asked} requests");
+    assert!(
+        rendered <= elapsed.as_secs() + 3,
+        "{asked} requests in {elapsed:?} rendered {rendered} snapshots"
+    );
+    // Events still land while the views are cached.
+    assert_eq!(app.post_event("click", camps[0].id).await, 204);
+    let (report, db) = app.shutdown().await;
+    assert_eq!(report.accepted, 1);
+    assert_eq!(count(&db, "events").await, 1);
+}

@@ -283,3 +283,57 @@ async fn a_campaign_created_after_start_is_resolved() {
     assert_eq!(account, late.account);
     assert_eq!(app.count("rejected_events").await, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_options_in_the_url_are_kept_beside_the_services_own() {
+    let camps = campaigns(1, 1);
+    let db_url = fresh_database().await;
+    connect(&db_url)
+        .await
+        .batch_execute("CREATE SCHEMA tenant")
+        .await
+        .expect("schema");
+    // search_path from the URL's options: the tables go to `tenant`.
+    let app = TestApp::builder()
+        .database(format!("{db_url}?options=-c%20search_path%3Dtenant"))
+        .unseeded()
+        .start()
+        .await;
+    let db = connect(&db_url).await;
+    db.execute(
+        "INSERT INTO tenant.campaigns (id, account_id) VALUES ($1, $2)",
+        &[&camps[0].id, &camps[0].account],
+    )
+    .await
+    .expect("seed");
+    for _ in 0..3 {
+        assert_eq!(app.post_event("impression", camps[0].id).await, 204);
+    }
+    let (report, _) = app.shutdown().await;
+    assert_eq!(report.unwritten, 0);
+    let n: i64 = db
+        .query_one("SELECT count(*) FROM tenant.events", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(n, 3, "the operator's search_path was used");
+    let public: i64 = db
+        .query_one(
+            "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public' AND table_name = 'events'",
+            &[],
+        )
+        .await
+        .expect("public")
+        .get(0);
+    assert_eq!(public, 0);
+    // ...and TimeZone=UTC too: created_at (CURRENT_TIMESTAMP in the session's zone) is UTC.
+    let skew: f64 = db
+        .query_one(
+            "SELECT abs(extract(epoch FROM max(created_at) - (now() AT TIME ZONE 'UTC')))::float8 FROM tenant.events",
+            &[],
+        )
+        .await
+        .expect("skew")
+        .get(0);
+    assert!(skew < 600.0, "created_at is UTC: {skew} s off");
+}
