@@ -235,6 +235,9 @@ impl Spool {
         if !self.accepting() {
             return Err(SpoolError::DiskFull);
         }
+        // Appends take turns; encoding inside the turn keeps one encoded
+        // copy in memory at a time, however many batches wait.
+        let mut active = lock(&self.active);
         let record = encode_record(batch);
         let need = record.len() as u64;
         let used = self.bytes.load(Relaxed);
@@ -245,7 +248,6 @@ impl Spool {
                 need,
             });
         }
-        let mut active = lock(&self.active);
         if active.is_none() {
             let seq = {
                 let mut st = lock(&self.state);

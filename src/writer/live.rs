@@ -7,7 +7,9 @@
 //! spool as its fallback: a batch that fails to write goes to the spool at
 //! once, so memory is freed as soon as the data is safe on disk. If the spool
 //! cannot take it (full or failing), the batch stays in memory and is retried
-//! with backoff; the memory cap then makes the request side shed load.
+//! with backoff; the memory cap then makes the request side shed load. A
+//! batch that finds every writer busy for [`QUEUE_WAIT`] (writes hanging on a
+//! frozen database) goes to the spool too, instead of waiting in memory.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -22,6 +24,9 @@ use super::PgWriter;
 use crate::batch::Batch;
 use crate::spool::Spool;
 use crate::stats::{Counter, RateLimitedLog, Stats};
+
+/// A batch that finds every writer busy for this long goes to the spool.
+pub const QUEUE_WAIT: Duration = Duration::from_secs(1);
 
 /// Events by outcome, for the drain report.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -39,6 +44,9 @@ pub type LiveDelivery = Delivery<PgWriter, SpoolFallback, SpoolQuarantine>;
 pub struct SpoolFallback {
     spool: Arc<Spool>,
     stats: Arc<Stats>,
+    /// One append at a time: the others wait here as tasks, not as blocked
+    /// threads (a slow disk would otherwise pile up the blocking pool).
+    turn: Semaphore,
     spooled_log: RateLimitedLog,
     failure_log: RateLimitedLog,
 }
@@ -48,6 +56,7 @@ impl SpoolFallback {
         SpoolFallback {
             spool,
             stats,
+            turn: Semaphore::new(1),
             spooled_log: RateLimitedLog::new(Duration::from_secs(5)),
             failure_log: RateLimitedLog::new(Duration::from_secs(5)),
         }
@@ -56,6 +65,9 @@ impl SpoolFallback {
 
 impl Fallback for SpoolFallback {
     async fn hand_off(&self, batch: Batch) -> Result<(), Batch> {
+        let Ok(_turn) = self.turn.acquire().await else {
+            return Err(batch);
+        };
         // Shared with the blocking task, so the batch comes back whatever
         // happens there (even a panic, which drops the task's reference).
         let batch = Arc::new(batch);
@@ -130,15 +142,35 @@ pub async fn run(
         Err(e) => tracing::error!(error = %e, "delivery task failed"),
     };
     while let Some(batch) = batches.recv().await {
-        let Ok(permit) = permits.clone().acquire_owned().await else {
-            break;
+        // Every writer busy for a while (a database that hangs): the batch
+        // goes to the spool rather than wait in memory; replay writes it
+        // later, and the ledger makes it exactly-once either way.
+        let permit = tokio::time::timeout(QUEUE_WAIT, permits.clone().acquire_owned()).await;
+        let permit = match permit {
+            Ok(Ok(p)) => Some(p),
+            Ok(Err(_)) => break,
+            Err(_) => None,
         };
-        let d = delivery.clone();
+        let (d, permits) = (delivery.clone(), permits.clone());
         let mut abort = abort.clone();
         tasks.spawn(async move {
-            let _permit = permit;
             let (n, bytes) = (batch.len() as u64, batch.counted_bytes());
-            let outcome = d.deliver(batch, &mut abort).await;
+            let outcome = match permit {
+                Some(p) => {
+                    let _permit = p;
+                    d.deliver(batch, &mut abort).await
+                }
+                None => match d.fallback.hand_off(batch).await {
+                    Ok(()) => super::retry::Outcome {
+                        handed_off: n,
+                        ..Default::default()
+                    },
+                    Err(batch) => {
+                        let _permit = permits.acquire_owned().await;
+                        d.deliver(batch, &mut abort).await
+                    }
+                },
+            };
             d.stats.in_writer.fetch_sub(n, Relaxed);
             d.stats.in_writer_bytes.fetch_sub(bytes, Relaxed);
             outcome

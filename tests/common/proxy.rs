@@ -40,9 +40,15 @@ pub struct PgProxy {
 }
 
 impl PgProxy {
+    /// On a free port of 127.0.0.1.
     pub async fn start(upstream: SocketAddr) -> PgProxy {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
-        let addr = listener.local_addr().expect("addr");
+        Self::start_on(0, upstream).await.expect("bind proxy")
+    }
+
+    /// On 127.0.0.1:`port` (0 = any free one).
+    pub async fn start_on(port: u16, upstream: SocketAddr) -> std::io::Result<PgProxy> {
+        let listener = TcpListener::bind(("127.0.0.1", port)).await?;
+        let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
             upstream: Mutex::new(upstream),
             cut_armed: AtomicBool::new(false),
@@ -70,11 +76,11 @@ impl PgProxy {
                 });
             }
         });
-        PgProxy {
+        Ok(PgProxy {
             addr,
             shared,
             tasks,
-        }
+        })
     }
 
     /// `url` (a `postgres://…/db` URL) pointed at this proxy instead.
