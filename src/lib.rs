@@ -325,7 +325,7 @@ pub async fn serve(
 
 /// After the shutdown deadline, the write side gets this long to spool what
 /// it holds before the process gives up on it.
-const ABORT_GRACE: Duration = Duration::from_secs(5);
+pub const ABORT_GRACE: Duration = Duration::from_secs(5);
 
 /// Events committed to either table since start (live or replayed).
 fn stored(stats: &Stats) -> u64 {

@@ -76,12 +76,28 @@ async fn kubernetes_manifests_match_the_code() {
         .expect("grace") as u128
         * 1000;
     assert!(
-        grace > (config.shutdown_timeout + config.shutdown_grace).as_millis(),
-        "terminationGracePeriodSeconds must exceed SHUTDOWN_GRACE_MS + SHUTDOWN_TIMEOUT_MS"
+        grace > (config.shutdown_timeout + config.shutdown_grace + ingest::ABORT_GRACE).as_millis(),
+        "terminationGracePeriodSeconds must exceed SHUTDOWN_GRACE_MS + SHUTDOWN_TIMEOUT_MS + the 5 s abort grace"
     );
 
-    // Probes: the paths and port the service answers on.
-    let app = TestApp::spawn(&campaigns(1, 1)).await;
+    // Probes and metrics: on ADMIN_PORT, which the service answers them on.
+    let admin = config.admin_port;
+    assert_ne!(admin, 0, "the operator views are kept off the public port");
+    assert_eq!(
+        container["ports"][1]["containerPort"].as_u64(),
+        Some(u64::from(admin))
+    );
+    let free = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let app = TestApp::builder()
+        .campaigns(&campaigns(1, 1))
+        .setting("HOST", "127.0.0.1")
+        .setting("ADMIN_PORT", free)
+        .start()
+        .await;
+    let admin_url = |path: &str| format!("http://127.0.0.1:{free}{path}");
     for (probe, want) in [
         ("livenessProbe", "/livez"),
         ("readinessProbe", "/readyz"),
@@ -89,29 +105,36 @@ async fn kubernetes_manifests_match_the_code() {
     ] {
         let get = &container[probe]["httpGet"];
         assert_eq!(s(&get["path"]), want, "{probe}");
-        assert_eq!(get["port"].as_u64(), Some(u64::from(port)), "{probe} port");
-        let r = app.http.get(app.url(want)).send().await.expect("probe");
+        assert_eq!(get["port"].as_u64(), Some(u64::from(admin)), "{probe} port");
+        let r = app.http.get(admin_url(want)).send().await.expect("probe");
         assert_eq!(r.status(), 200, "{probe} answers 200 on a healthy service");
     }
     let ann = &dep["spec"]["template"]["metadata"]["annotations"];
     assert_eq!(s(&ann["prometheus.io/path"]), "/metrics");
     assert_eq!(
         app.http
-            .get(app.url("/metrics"))
+            .get(admin_url("/metrics"))
             .send()
             .await
             .expect("metrics")
             .status(),
         200
     );
-    assert_eq!(s(&ann["prometheus.io/port"]), port.to_string());
+    assert_eq!(s(&ann["prometheus.io/port"]), admin.to_string());
 
     // The other objects point at the Deployment.
     let svc = &m["Service"];
     assert_eq!(&svc["spec"]["selector"], labels);
+    let targets: Vec<Option<u64>> = svc["spec"]["ports"]
+        .as_sequence()
+        .expect("service ports")
+        .iter()
+        .map(|p| p["targetPort"].as_u64())
+        .collect();
     assert_eq!(
-        svc["spec"]["ports"][0]["targetPort"].as_u64(),
-        Some(u64::from(port))
+        targets,
+        vec![Some(u64::from(port))],
+        "the public Service exposes the main port only"
     );
     assert_eq!(
         &m["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"],

@@ -337,3 +337,33 @@ async fn operator_options_in_the_url_are_kept_beside_the_services_own() {
         .get(0);
     assert!(skew < 600.0, "created_at is UTC: {skew} s off");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_larger_than_batch_max_rows_commits_as_several_ledgered_transactions() {
+    let camps = campaigns(2, 1);
+    let app = TestApp::builder()
+        .campaigns(&camps)
+        .setting("FLUSH_INTERVAL_MS", 3_600_000)
+        .setting("BATCH_MAX_ROWS", 100)
+        .start()
+        .await;
+    for i in 0..450 {
+        assert_eq!(app.post_event("impression", camps[i % 2].id).await, 204);
+    }
+    // The final flush takes all 450 at once.
+    let (report, db) = app.shutdown().await;
+    assert_eq!(report.written_at_shutdown, 450);
+    assert_eq!(count(&db, "events").await, 450);
+    let sizes: Vec<i32> = db
+        .query(
+            "SELECT events FROM ingest_batches ORDER BY events DESC",
+            &[],
+        )
+        .await
+        .expect("ledger")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(sizes, [100, 100, 100, 100, 50]);
+    assert_eq!(aggregate_drift(&db).await, 0);
+}

@@ -152,6 +152,16 @@ async fn a_spool_left_by_sigkill_is_replayed_at_the_next_start_exactly_once() {
         "the torn record is reported: {h}"
     );
     assert_eq!(h["spool"]["bytes"], 0);
+    // The segment with the torn record is kept, not deleted.
+    let kept: Vec<String> = std::fs::read_dir(spool_dir.join("quarantine"))
+        .expect("quarantine dir")
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect();
+    assert!(
+        kept.iter()
+            .any(|n| n.starts_with("damaged-") && n.ends_with(".seg")),
+        "{kept:?}"
+    );
     assert_eq!(service.sigterm(), Some(0));
     let db_url = service.db_url.clone();
     let db = connect(&db_url).await;
