@@ -11,9 +11,9 @@ set -euo pipefail
 cd "$(dirname "$0")/../src"
 
 REQUEST=(server.rs http event.rs shard.rs admission.rs coordinator.rs)
-WRITE=(writer pgcopy.rs spool.rs accounts.rs db.rs tls.rs)
+WRITE=(writer pgcopy.rs spool.rs accounts.rs db.rs tls.rs maintenance.rs)
 SHARED=(batch.rs stats.rs telemetry.rs)
-WRITE_MODS='writer|accounts|db|spool|pgcopy|tls|write_side'
+WRITE_MODS='writer|accounts|db|spool|pgcopy|tls|write_side|maintenance'
 REQUEST_MODS='server|http|event|shard|admission|coordinator'
 
 fail=0
@@ -31,7 +31,7 @@ check "the request side imports nothing from the write side" "crate::(\\{[^}]*)?
 check "the write side sees batches, never the request side" "crate::(\\{[^}]*)?\\b($REQUEST_MODS)\\b" "${WRITE[@]}"
 check "shared modules name neither side" "crate::($WRITE_MODS|$REQUEST_MODS)\\b" "${SHARED[@]}"
 # `config` is shared too; it may name `tls` only, to validate DATABASE_URL's sslmode at start.
-check "config names no side but tls" "crate::(writer|accounts|db|spool|pgcopy|write_side|$REQUEST_MODS)\\b" config.rs
+check "config names no side but tls" "crate::(writer|accounts|db|spool|pgcopy|write_side|maintenance|$REQUEST_MODS)\\b" config.rs
 if [ $fail -ne 0 ]; then
   echo "see src/lib.rs (the module map) for which side each module is on" >&2
   exit 1

@@ -129,6 +129,48 @@ pub struct Config {
     pub admin_port: u16,
     /// `/health` and `/metrics` are rendered at most this often.
     pub view_cache: Duration,
+    /// One `events` partition per day, week or month.
+    pub partition_interval: PartitionInterval,
+    /// Partitions kept ready ahead of now.
+    pub partition_premake: u32,
+    /// Drop `events` partitions entirely older than this many days (0 = keep).
+    pub events_retention_days: u32,
+    /// Delete `rejected_events` rows older than this many days (0 = keep).
+    pub rejected_retention_days: u32,
+    /// Prune the `ingest_batches` ledger after this many days.
+    pub ledger_retention_days: u32,
+    /// Partition maintenance and retention run this often.
+    pub maintenance_interval: Duration,
+    /// Hand partitioning to pg_partman when it is installed (`auto`), or never (`off`).
+    pub partman: bool,
+}
+
+/// The range of one `events` partition.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PartitionInterval {
+    Day,
+    Week,
+    Month,
+}
+
+impl PartitionInterval {
+    /// The unit in SQL (`date_trunc` field, `interval` unit).
+    pub fn unit(self) -> &'static str {
+        match self {
+            PartitionInterval::Day => "day",
+            PartitionInterval::Week => "week",
+            PartitionInterval::Month => "month",
+        }
+    }
+
+    /// pg_partman's name for it.
+    pub fn partman(self) -> &'static str {
+        match self {
+            PartitionInterval::Day => "daily",
+            PartitionInterval::Week => "weekly",
+            PartitionInterval::Month => "monthly",
+        }
+    }
 }
 
 /// How a setting's value is read.
@@ -556,6 +598,82 @@ pub const SETTINGS: &[Setting] = &[
         "`/health` and `/metrics` are rendered from one snapshot at most this often, however often they are asked",
         |c, v| c.view_cache = v,
     ),
+    text(
+        "EVENTS_PARTITION_INTERVAL",
+        Some("day"),
+        None,
+        "day, week or month",
+        "one `events` partition per day, week or month (partitioned layout)",
+        |c, v| {
+            c.partition_interval = match v.to_ascii_lowercase().as_str() {
+                "day" | "daily" => PartitionInterval::Day,
+                "week" | "weekly" => PartitionInterval::Week,
+                "month" | "monthly" => PartitionInterval::Month,
+                _ => return Err(""),
+            };
+            Ok(())
+        },
+    ),
+    int(
+        "EVENTS_PREMAKE",
+        "3",
+        1,
+        366,
+        "a count of intervals",
+        "partitions kept ready ahead of now (the accepted past window is always covered too)",
+        |c, v| c.partition_premake = v as u32,
+    ),
+    int(
+        "EVENTS_RETENTION_DAYS",
+        "0",
+        0,
+        100_000,
+        "days",
+        "drop `events` partitions whose every row is older than this (0 = keep forever)",
+        |c, v| c.events_retention_days = v as u32,
+    ),
+    int(
+        "REJECTED_RETENTION_DAYS",
+        "0",
+        0,
+        100_000,
+        "days",
+        "delete `rejected_events` rows received longer ago than this (0 = keep forever)",
+        |c, v| c.rejected_retention_days = v as u32,
+    ),
+    int(
+        "LEDGER_RETENTION_DAYS",
+        "30",
+        2,
+        100_000,
+        "days",
+        "prune `ingest_batches` entries older than this; a spooled batch older than this minus a day is quarantined, not replayed (see Scale)",
+        |c, v| c.ledger_retention_days = v as u32,
+    ),
+    ms(
+        "MAINTENANCE_INTERVAL_MS",
+        "600000",
+        1000,
+        86_400_000,
+        "milliseconds",
+        "how often partition maintenance and retention run (one replica at a time)",
+        |c, v| c.maintenance_interval = v,
+    ),
+    text(
+        "PARTMAN",
+        Some("auto"),
+        None,
+        "auto or off",
+        "`auto`: hand `events` partitions and retention to pg_partman when the extension is installed; `off`: the service manages them",
+        |c, v| {
+            c.partman = match v.to_ascii_lowercase().as_str() {
+                "auto" => true,
+                "off" => false,
+                _ => return Err(""),
+            };
+            Ok(())
+        },
+    ),
     Setting {
         name: "RUST_LOG",
         default: None,
@@ -605,6 +723,13 @@ impl Config {
             batch_max_rows: 0,
             admin_port: 0,
             view_cache: Duration::ZERO,
+            partition_interval: PartitionInterval::Day,
+            partition_premake: 0,
+            events_retention_days: 0,
+            rejected_retention_days: 0,
+            ledger_retention_days: 0,
+            maintenance_interval: Duration::ZERO,
+            partman: true,
         }
     }
 

@@ -47,6 +47,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "ledger_split",
         sql: include_str!("../migrations/V5__ledger_split.sql"),
     },
+    Migration {
+        version: 6,
+        name: "scale",
+        sql: include_str!("../migrations/V6__scale.sql"),
+    },
 ];
 
 /// Advisory lock key for migrations ("ingest" in ASCII).

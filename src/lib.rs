@@ -40,6 +40,7 @@
 //! | [`accounts`] | write | campaign → account cache, batched miss lookups |
 //! | [`pgcopy`] | write | binary COPY encoding |
 //! | [`db`] | write | the connection pool and the embedded migrations |
+//! | [`maintenance`] | write | `events` partitions (or pg_partman), retention, ledger pruning |
 //! | [`tls`] | write | TLS to PostgreSQL with libpq's `sslmode` meanings |
 //! | [`write_side`] | wiring | the write side's thread and runtime; its status handle |
 //! | [`cli`] | commands | `migrate`, `quarantine list/retry` (and the next commands), one file each |
@@ -57,6 +58,7 @@ pub mod coordinator;
 pub mod db;
 pub mod event;
 pub mod http;
+pub mod maintenance;
 pub mod pgcopy;
 pub mod server;
 pub mod shard;

@@ -248,6 +248,20 @@ counters! {
     SpoolDamagedBytes => "spool.damaged_bytes", "ingest_spool_damaged_bytes";
     /// Event requests refused with 503 because the final flush had begun; in ingest_events_rejected as shutting_down
     RefusedShuttingDown => "pipeline.refused_shutting_down", "";
+    /// Partition maintenance and retention rounds this replica ran
+    MaintenanceRuns => "maintenance.runs", "ingest_maintenance_runs";
+    /// Maintenance rounds that failed (retried next round)
+    MaintenanceFailures => "maintenance.failures", "ingest_maintenance_failures";
+    /// events partitions created
+    PartitionsCreated => "maintenance.partitions_created", "ingest_partitions_created";
+    /// events partitions dropped by retention
+    PartitionsDropped => "maintenance.partitions_dropped", "ingest_partitions_dropped";
+    /// rejected_events rows deleted by retention
+    RejectedPruned => "maintenance.rejected_deleted", "ingest_rejected_events_deleted";
+    /// ingest_batches ledger entries pruned
+    LedgerPruned => "maintenance.ledger_pruned", "ingest_ledger_pruned";
+    /// Spooled batches older than the ledger's retention, quarantined instead of replayed
+    TooOldToReplay => "spool.too_old_to_replay", "ingest_spool_too_old_to_replay";
     /// Snapshots rendered for /health and /metrics (at most one per VIEW_CACHE_MS)
     ViewRenders => "views.renders", "ingest_view_renders";
 }

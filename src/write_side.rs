@@ -21,6 +21,7 @@ use crate::admission::Admission;
 use crate::config::Config;
 use crate::coordinator::Coordinator;
 use crate::db;
+use crate::maintenance;
 use crate::shard::ShardSet;
 use crate::spool::Spool;
 use crate::stats::{PoolStatus, Stats, WriteSideStatus, WriteStatus};
@@ -106,9 +107,12 @@ impl WriteSide {
             self.stats.clone(),
             true,
         );
+        let max_replay_age =
+            Duration::from_secs(u64::from(c.ledger_retention_days.saturating_sub(1)) * 86_400);
         let replay_task = tokio::spawn(replay::run(
             Arc::new(replayer),
             self.spool.clone(),
+            max_replay_age,
             replay_stop,
         ));
         let (batch_tx, batch_rx) = mpsc::channel(c.writer_concurrency * 2);
@@ -198,12 +202,26 @@ impl Drop for Background {
 fn spawn_background(config: &Config, writer: Arc<PgWriter>, stats: Arc<Stats>) -> Background {
     let mut tasks = Vec::new();
 
-    let w = writer.clone();
+    // Migrations and the campaign cache, then the partitions the accepted
+    // window needs, then maintenance every MAINTENANCE_INTERVAL_MS.
+    let (w, st) = (writer.clone(), stats.clone());
+    let policy = maintenance::Policy::from_config(config);
+    let (every, deadline) = (config.maintenance_interval, config.db_migration_timeout);
     tasks.push(tokio::spawn(async move {
         let mut delay = Duration::from_millis(200);
         loop {
             match w.ensure_ready().await {
-                Ok(()) => return,
+                Ok(()) => {
+                    let first = db::within(
+                        deadline,
+                        "partition maintenance",
+                        maintenance::run_once(w.pool(), &policy, true),
+                    )
+                    .await;
+                    maintenance::record(&st, first);
+                    maintenance::run(w.pool().clone(), policy, st, every, deadline).await;
+                    return;
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "database not ready");
                     tokio::time::sleep(delay).await;

@@ -178,7 +178,12 @@ async fn migrations_adopt_a_database_the_node_service_already_uses() {
         .start()
         .await;
     assert_eq!(app.post_event("impression", camp.id).await, 204);
-    let (_, db) = app.shutdown().await;
+    let (report, db) = app.shutdown().await;
+    assert_eq!(
+        report.unwritten + report.spooled_at_shutdown,
+        0,
+        "{report:?}"
+    );
     let (i, c): (i32, i32) = db
         .query_one("SELECT impressions, clicks FROM metrics_hourly", &[])
         .await
@@ -199,5 +204,5 @@ async fn migrations_adopt_a_database_the_node_service_already_uses() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(versions, [1, 2, 3, 4, 5]);
+    assert_eq!(versions, [1, 2, 3, 4, 5, 6]);
 }

@@ -29,7 +29,7 @@ fn the_settings_table_is_the_declaration() {
     assert_eq!(
         got,
         want.trim_end(),
-        "README.md's Configuration table differs from src/config.rs; replace it with:\n{want}"
+        "README.md's Configuration table differs from src/config.rs; replace it with the output of `cargo run -q --example settings_table`:\n{want}"
     );
 }
 

@@ -19,7 +19,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use super::quarantine::SpoolQuarantine;
-use super::retry::{Delivery, KeepRetrying};
+use super::retry::{Delivery, KeepRetrying, Quarantine};
 use super::PgWriter;
 use crate::spool::{read_segment, Spool};
 use crate::stats::Counter;
@@ -27,9 +27,15 @@ use crate::stats::Counter;
 const IDLE_POLL: Duration = Duration::from_millis(250);
 
 /// Replays until `stop` turns true. Batches not yet replayed stay on disk.
+///
+/// A batch whose oldest event was received more than `max_age` ago is
+/// quarantined instead: the ledger entry that would make its replay a no-op
+/// may have been pruned (`LEDGER_RETENTION_DAYS`), so replaying it could count
+/// it twice. `max_age` is the ledger's retention minus a day.
 pub async fn run(
     delivery: Arc<ReplayDelivery>,
     spool: Arc<Spool>,
+    max_age: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
     let stats = delivery.stats.clone();
@@ -87,6 +93,24 @@ pub async fn run(
             contents.batches.iter().map(|b| b.len()).sum::<usize>(),
         );
         for batch in contents.batches {
+            let age_ms = super::unix_ms_now() - batch.oldest_received_ms();
+            if age_ms > max_age.as_millis() as i64 {
+                let why = format!(
+                    "received {} h ago, longer than the ledger keeps batch ids; replaying it could count it twice",
+                    age_ms / 3_600_000
+                );
+                match delivery.quarantine.keep(&batch, &why).await {
+                    Ok(()) => {
+                        stats.add(Counter::TooOldToReplay, batch.len() as u64);
+                        tracing::error!(batch = %batch.id, events = batch.len(), "spooled batch too old to replay exactly once; quarantined");
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::error!(batch = %batch.id, error = %e, "cannot quarantine a batch too old to replay; keeping the segment");
+                        return;
+                    }
+                }
+            }
             let outcome = delivery.deliver(batch, &mut stop).await;
             if !outcome.returned.is_empty() {
                 return; // stopped: the segment stays for the next run
