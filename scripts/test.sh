@@ -13,10 +13,14 @@ cd "$(dirname "$0")/.."
 command -v cargo >/dev/null || { echo "cargo not found: install Rust (rustup) first" >&2; exit 1; }
 pg_ensure_installed
 # The real-browser test (tests/browser.rs) drives Debian's headless Chromium;
-# the TLS test (tests/tls.rs) makes its certificates with openssl.
+# the TLS test (tests/tls.rs) makes its certificates with openssl; the partition
+# test (tests/scale.rs) loads pg_partman.
 MISSING=()
 [ -x "${CHROMIUM:-/usr/bin/chromium}" ] || MISSING+=(chromium)
 command -v openssl >/dev/null || MISSING+=(openssl)
+# The pg_partman test (tests/scale.rs) needs the extension for this server's version.
+PGVER=$(basename "$(dirname "$PGBIN")")
+[ -f "/usr/share/postgresql/$PGVER/extension/pg_partman.control" ] || MISSING+=("postgresql-$PGVER-partman")
 if [ ${#MISSING[@]} -gt 0 ]; then
   echo "==> installing ${MISSING[*]} (Debian packages) for the browser and TLS tests" >&2
   SUDO=""; [ "$(id -u)" != 0 ] && SUDO=sudo

@@ -28,7 +28,14 @@ enum Command {
     /// Run the service (the default).
     Serve,
     /// Apply the migrations and exit.
-    Migrate,
+    Migrate {
+        /// Also convert a plain `events` table into the partitioned layout, live.
+        #[arg(long)]
+        partition_events: bool,
+        /// With --partition-events: print the plan and the locks it takes, change nothing.
+        #[arg(long, requires = "partition_events")]
+        dry_run: bool,
+    },
     /// Rows the database refused in both tables, kept in SPOOL_DIR/quarantine.
     Quarantine {
         #[command(subcommand)]
@@ -81,7 +88,14 @@ fn main() -> ExitCode {
     runtime.block_on(async move {
         match cli.command.unwrap_or(Command::Serve) {
             Command::Serve => serve(config).await,
-            Command::Migrate => cli::migrate::run(&config).await,
+            Command::Migrate {
+                partition_events: false,
+                ..
+            } => cli::migrate::run(&config).await,
+            Command::Migrate {
+                partition_events: true,
+                dry_run,
+            } => cli::partition::run(&config, dry_run).await,
             Command::Quarantine {
                 action: QuarantineAction::List,
             } => cli::quarantine::list(&config),

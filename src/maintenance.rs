@@ -10,8 +10,9 @@
 //! - or, when the pg_partman extension is installed (and `PARTMAN=auto`),
 //!   hands the table to it once and runs its maintenance instead;
 //! - drops `events` partitions whose every row is older than
-//!   `EVENTS_RETENTION_DAYS` (detached concurrently, then dropped: no lock
-//!   that stops the writers for more than an instant);
+//!   `EVENTS_RETENTION_DAYS` (detached, then dropped; the detach holds an
+//!   exclusive lock on `events` for an instant and waits at most 500 ms for
+//!   it, so writers never queue behind it for longer);
 //! - deletes `rejected_events` rows older than `REJECTED_RETENTION_DAYS` and
 //!   ledger entries older than `LEDGER_RETENTION_DAYS`, in small chunks.
 //!
@@ -34,6 +35,8 @@ use crate::stats::{Counter, Stats};
 const MAINTENANCE_LOCK: i64 = 0x696e_6765_7374 + 1;
 /// DDL waits at most this long for its lock.
 const LOCK_TIMEOUT: &str = "2s";
+/// Detaching a partition waits at most this long for its exclusive lock.
+const DETACH_LOCK_TIMEOUT: &str = "500ms";
 /// Rows deleted per statement by row-level retention.
 const CHUNK: i64 = 10_000;
 
@@ -344,23 +347,20 @@ async fn drop_old_partitions(conn: &Conn, policy: &Policy, r: &mut Round) -> Res
             continue;
         }
         let name = &p.name;
-        if !p.detach_pending {
-            // Not in a transaction block: DETACH CONCURRENTLY waits for the
-            // transactions that use the partition instead of blocking new ones.
-            conn.batch_execute(&format!("SET lock_timeout = '{LOCK_TIMEOUT}'"))
-                .await?;
-            let detached = conn
-                .batch_execute(&format!(
-                    "ALTER TABLE events DETACH PARTITION \"{name}\" CONCURRENTLY"
-                ))
-                .await;
-            conn.batch_execute("RESET lock_timeout").await?;
-            detached?;
-        } else {
-            conn.batch_execute(&format!(
-                "ALTER TABLE events DETACH PARTITION \"{name}\" FINALIZE"
+        // DETACH … CONCURRENTLY is not allowed beside a DEFAULT partition, so
+        // the detach takes its ACCESS EXCLUSIVE lock on `events` for an
+        // instant; a short lock_timeout keeps writers from queueing behind it
+        // for longer than that (the round is retried next time).
+        let finalize = if p.detach_pending { " FINALIZE" } else { "" };
+        if let Err(e) = conn
+            .batch_execute(&format!(
+                "BEGIN; SET LOCAL lock_timeout = '{DETACH_LOCK_TIMEOUT}'; \
+                 ALTER TABLE events DETACH PARTITION \"{name}\"{finalize}; COMMIT"
             ))
-            .await?;
+            .await
+        {
+            let _ = conn.batch_execute("ROLLBACK").await;
+            return Err(e.into());
         }
         conn.batch_execute(&format!("DROP TABLE \"{name}\""))
             .await?;

@@ -3,6 +3,7 @@
 //! line and calls these; each returns what the process should exit with.
 
 pub mod migrate;
+pub mod partition;
 pub mod quarantine;
 
 use std::process::ExitCode;
