@@ -7,12 +7,14 @@
 //! every event is its own aggregate key; PAIRS limits the distinct
 //! (ad unit, campaign) pairs, as real traffic concentrates), then in batches
 //! of BATCH (default 20,000):
-//! 1. raw: `COPY` of the rows alone into a scratch table shaped like `events`
-//!    (same columns and primary key), nothing else;
-//! 2. writer: `PgWriter::write`, i.e. ledger claim + COPY into `events` +
+//! 1. raw, plain: `COPY` of the rows alone into a scratch table shaped like
+//!    `events` (same columns and primary key) but not partitioned;
+//! 2. raw, into `events` itself (partitioned by day when the migrations made
+//!    it so: the partition routing is the difference from 1);
+//! 3. writer: `PgWriter::write`, i.e. ledger claim + COPY into `events` +
 //!    sorted upsert into `metrics_hourly` + commit, exactly as the service does.
 //!
-//! Prints rows/s of both and their ratio. Uses the campaigns in the database
+//! Prints rows/s of each and the ratios. Uses the campaigns in the database
 //! (load ../shared/bench/fixtures/fixtures.sql first). Truncates `events`,
 //! `metrics_hourly` and `ingest_batches` of that database: use a scratch one.
 
@@ -93,6 +95,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .collect::<Result<_, String>>()?;
 
     let client = pool.get().await?;
+    let partitioned: bool = client
+        .query_one(
+            "SELECT relkind = 'p' FROM pg_class WHERE oid = 'events'::regclass",
+            &[],
+        )
+        .await?
+        .get(0);
     client
         .batch_execute(
             "TRUNCATE events, metrics_hourly, ingest_batches;
@@ -113,33 +122,39 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
     }
 
-    // 1. raw COPY of the same rows, one transaction per batch.
-    let t = Instant::now();
+    // 1. raw COPY into a plain table, then 2. into `events` itself.
+    let mut rates = Vec::new();
     let mut raw_rows = 0usize;
-    let mut c2 = pool.get().await?;
-    for batch in &batches {
-        let tx = c2.transaction().await?;
-        let sink = tx
-            .copy_in::<_, bytes::Bytes>(
-                "COPY copy_baseline (event_type, ad_unit_id, campaign_id, creative_id, account_id, page_url, user_agent, timestamp) FROM STDIN (FORMAT binary)",
-            )
-            .await?;
-        futures_util::pin_mut!(sink);
-        let mut enc = CopyEncoder::new(1 << 20);
-        for row in batch.rows() {
-            if let Some(a) = map.get(&row.campaign_id) {
-                encode_event(&mut enc, &row, a);
-                raw_rows += 1;
+    for table in ["copy_baseline", "events"] {
+        let t = Instant::now();
+        raw_rows = 0;
+        let mut c2 = pool.get().await?;
+        for batch in &batches {
+            let tx = c2.transaction().await?;
+            let sink = tx
+                .copy_in::<_, bytes::Bytes>(&format!(
+                    "COPY {table} (event_type, ad_unit_id, campaign_id, creative_id, account_id, page_url, user_agent, timestamp) FROM STDIN (FORMAT binary)"
+                ))
+                .await?;
+            futures_util::pin_mut!(sink);
+            let mut enc = CopyEncoder::new(1 << 20);
+            for row in batch.rows() {
+                if let Some(a) = map.get(&row.campaign_id) {
+                    encode_event(&mut enc, &row, a);
+                    raw_rows += 1;
+                }
+                if enc.len() >= 1 << 20 {
+                    sink.send(enc.take()).await?;
+                }
             }
-            if enc.len() >= 1 << 20 {
-                sink.send(enc.take()).await?;
-            }
+            sink.send(enc.finish()).await?;
+            sink.finish().await?;
+            tx.commit().await?;
         }
-        sink.send(enc.finish()).await?;
-        sink.finish().await?;
-        tx.commit().await?;
+        rates.push(raw_rows as f64 / t.elapsed().as_secs_f64());
     }
-    let raw = t.elapsed();
+    client.batch_execute("TRUNCATE events").await?;
+    let (raw_rate, part_rate) = (rates[0], rates[1]);
 
     // 2. the writer, exactly as the service runs it.
     let writer = PgWriter::new(
@@ -159,15 +174,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let w = t.elapsed();
 
-    let raw_rate = raw_rows as f64 / raw.as_secs_f64();
     let w_rate = written as f64 / w.as_secs_f64();
     let keys: i64 = client
         .query_one("SELECT count(*) FROM metrics_hourly", &[])
         .await?
         .get(0);
+    println!("raw binary COPY into a plain table: {raw_rows} rows, {raw_rate:.0} rows/s");
     println!(
-        "raw binary COPY: {raw_rows} rows in {:.2} s = {raw_rate:.0} rows/s",
-        raw.as_secs_f64()
+        "raw binary COPY into events ({}): {part_rate:.0} rows/s = {:.2} x plain",
+        if partitioned { "partitioned" } else { "plain" },
+        part_rate / raw_rate
     );
     println!("writer (ledger + COPY + upsert): {written} rows in {:.2} s = {w_rate:.0} rows/s ({keys} aggregate keys)", w.as_secs_f64());
     println!("writer / raw COPY = {:.2}", w_rate / raw_rate);

@@ -49,3 +49,13 @@ echo "==> layer rules (scripts/check-layers.sh)"
 scripts/check-layers.sh
 echo "==> cargo test"
 cargo test "$@"
+# The container image: built from the Dockerfile with podman and run (about 3 min the
+# first time, mostly making the base images). Needs root; SKIP_IMAGE=1 skips it.
+if [ "${SKIP_IMAGE:-0}" != 1 ] && [ $# -eq 0 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "==> scripts/image-test.sh"
+    scripts/image-test.sh
+  else
+    echo "==> scripts/image-test.sh skipped: it needs root (debootstrap, mount, chroot)"
+  fi
+fi
