@@ -57,7 +57,7 @@ fn main() {
         )
         .expect("valid");
         shards
-            .record(&ev, Some("Mozilla/5.0 (X11; Linux x86_64)"), NOW)
+            .record(&ev.stored(NOW, Some("Mozilla/5.0 (X11; Linux x86_64)"), None, true))
             .expect("room");
     };
 

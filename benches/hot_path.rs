@@ -56,7 +56,9 @@ fn benches(c: &mut Criterion) {
                 &mut scratch,
             )
             .expect("valid");
-            shards.record(&ev, Some(UA), NOW).expect("room");
+            shards
+                .record(&ev.stored(NOW, Some(UA), None, true))
+                .expect("room");
             // Swap as the coordinator would at the default size trigger.
             if n.is_multiple_of(20_000) {
                 black_box(rt.block_on(shards.take_all(|_, _| {})));

@@ -42,7 +42,8 @@ fn filled(events: usize, keys: usize, threads: usize, fx: &Arc<fixture::Fixture>
                         page_url: url,
                         timestamp_ms: NOW,
                     };
-                    set.record(&ev, Some("Mozilla/5.0"), NOW).expect("room");
+                    set.record(&ev.stored(NOW, Some("Mozilla/5.0"), None, true))
+                        .expect("room");
                 }
             })
         })

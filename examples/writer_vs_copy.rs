@@ -87,6 +87,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     received_ms: now,
                     page_url: "https://news.example.com/articles/2030/summer-fix-fix-travel",
                     user_agent: Some("Mozilla/5.0 (X11; Linux x86_64) bench"),
+                    invalid: None,
+                    filtered: true,
                 })
                 .map_err(|e| e.to_string())?;
             }

@@ -66,7 +66,12 @@ rss_kib() { awk '/VmRSS/{print $2}' "/proc/$SVC_PID/status" 2>/dev/null || echo 
 case "${MIX:-zipf}" in zipf) LUA=event-zipf.lua ;; uniform) LUA=event.lua ;; *) echo "MIX is zipf or uniform" >&2; exit 2 ;; esac
 echo "key mix: ${MIX:-zipf} ($LUA)"
 run_wrk() { taskset -c 1 wrk -t1 -c"$CONNS" -d"$1" --latency -s "$BENCH/wrk/$LUA" "http://127.0.0.1:$PORT" >"$WORK/wrk.out" 2>&1 & WRK_PID=$!; }
-DRIFT_SQL="SELECT count(*) FROM (SELECT account_id, ad_unit_id, campaign_id, date_trunc('hour', timestamp) h, count(*) FILTER (WHERE event_type='impression') i, count(*) FILTER (WHERE event_type='click') c FROM events GROUP BY 1,2,3,4) e FULL JOIN metrics_hourly m ON (m.account_id, m.ad_unit_id, m.campaign_id, m.hour_timestamp) = (e.account_id, e.ad_unit_id, e.campaign_id, e.h) WHERE m.id IS NULL OR e.h IS NULL OR m.impressions <> e.i OR m.clicks <> e.c"
+# `ingest verify` over every stored hour: the summary line and its exit status.
+verify() {
+  local out rc=0
+  out=$(DATABASE_URL=${1:-$DATABASE_URL} LOG_LEVEL=error ./target/release/ingest verify 2>&1) || rc=$?
+  echo "$(echo "$out" | tail -1) (exit $rc)"
+}
 now() { date +%s.%N; }
 since() { echo "$(now) - $1" | bc; }
 wrk_2xx() {
@@ -107,11 +112,11 @@ outage)
   SPOOLED=$(echo "$H" | field '["spool"]["spooled_events"]')
   kill -TERM "$SVC_PID"; wait "$SVC_PID" || true; SVC_PID=""
   ROWS=$(PSQL -Atc "SELECT count(*) FROM events")
-  DRIFT=$(PSQL -Atc "$DRIFT_SQL")
   grep ^RESULT "$WORK/wrk.out"
   echo "outage_s=$OUTAGE_S spooled_events=$SPOOLED replayed_events=$REPLAYED replay_after_restart_s=$(echo "$T_DONE - $T_UP" | bc)"
   echo "replay_rate_events_per_s=$(echo "$REPLAYED / ($T_DONE - $T_UP)" | bc) peak_rss_kib=$PEAK_RSS peak_spool_bytes=$PEAK_SPOOL"
-  echo "wrk_2xx=$(wrk_2xx) events_rows=$ROWS aggregate_drift_rows=$DRIFT"
+  echo "wrk_2xx=$(wrk_2xx) events_rows=$ROWS "
+  echo "ingest verify: $(verify)"
   echo "damaged/failed: $(echo "$H" | field '["spool"]')"
   ;;
 crash)
@@ -132,6 +137,7 @@ crash)
   OK=$(grep ^RESULT "$WORK/wrk.out" | sed -E 's/.* requests=([0-9]+).*/\1/')
   grep ^RESULT "$WORK/wrk.out"
   echo "wrk_responses=$OK events_rows=$ROWS lost_acknowledged=$(( OK > ROWS ? OK - ROWS : 0 ))"
+  echo "ingest verify: $(verify)"
   ;;
 failover)
   LOAD_S=${LOAD_S:-30}; FREEZE_AT_S=${FREEZE_AT_S:-5}; FROZEN_S=${FROZEN_S:-10}
@@ -167,7 +173,8 @@ failover)
   NEW() { "$PGBIN/psql" -X -q -At "postgres://postgres@127.0.0.1:$SBPORT/ingest" -c "$1"; }
   grep ^RESULT "$WORK/wrk.out"
   echo "reconnected_after_failover_s=$RECONNECT drained_after_failover_s=$DRAINED spooled_events=$(echo "$H" | field '["spool"]["spooled_events"]') replayed_events=$(echo "$H" | field '["spool"]["replayed_events"]') write_failures=$(echo "$H" | field '["pipeline"]["write_failures"]')"
-  echo "wrk_2xx=$(wrk_2xx) rows_on_new_primary=$(NEW "SELECT count(*) FROM events") aggregate_drift_rows=$(NEW "$DRIFT_SQL")"
+  echo "wrk_2xx=$(wrk_2xx) rows_on_new_primary=$(NEW "SELECT count(*) FROM events") "
+  echo "ingest verify: $(verify "postgres://postgres@127.0.0.1:$SBPORT/ingest")"
   ;;
 slow-disk)
   LOAD_S=${LOAD_S:-20}; SLOW_FSYNC_S=${SLOW_FSYNC_S:-2}
@@ -200,7 +207,8 @@ slow-disk)
     sleep 0.2
   done
   kill -TERM "$SVC_PID"; wait "$SVC_PID" || true; SVC_PID=""
-  echo "after the database returned: wrk_2xx=$(wrk_2xx) events_rows=$(PSQL -Atc "SELECT count(*) FROM events") aggregate_drift_rows=$(PSQL -Atc "$DRIFT_SQL")"
+  echo "after the database returned: wrk_2xx=$(wrk_2xx) events_rows=$(PSQL -Atc "SELECT count(*) FROM events") "
+  echo "ingest verify: $(verify)"
   ;;
 *) echo "usage: drill.sh outage|crash|failover|slow-disk" >&2; exit 2 ;;
 esac

@@ -47,6 +47,63 @@ impl EventKind {
     }
 }
 
+/// Why an event is invalid traffic (stored in `events.invalid_reason`; `None`
+/// is a valid event). The order is the order of the checks: an event gets the
+/// first reason that applies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum InvalidReason {
+    /// No `User-Agent`, or an empty one.
+    NoUserAgent = 1,
+    /// A known bot, spider or HTTP library.
+    BotUa = 2,
+    /// A prefetch or prerender (`Sec-Purpose`, `Purpose`, `X-Moz`, `X-Purpose`).
+    Prefetch = 3,
+    /// The client address is in `IP_EXCLUDE_FILE`.
+    IpExcluded = 4,
+    /// The same click again within `CLICK_DEDUP_WINDOW_S`.
+    DuplicateClick = 5,
+}
+
+impl InvalidReason {
+    pub const ALL: [InvalidReason; 5] = [
+        InvalidReason::NoUserAgent,
+        InvalidReason::BotUa,
+        InvalidReason::Prefetch,
+        InvalidReason::IpExcluded,
+        InvalidReason::DuplicateClick,
+    ];
+
+    /// The value in `events.invalid_reason` and the `reason` label in `/metrics`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InvalidReason::NoUserAgent => "no_user_agent",
+            InvalidReason::BotUa => "bot_ua",
+            InvalidReason::Prefetch => "prefetch",
+            InvalidReason::IpExcluded => "ip_excluded",
+            InvalidReason::DuplicateClick => "duplicate_click",
+        }
+    }
+
+    /// The inverse of `reason as u8` (the spool's encoding; 0 is valid).
+    pub fn from_u8(b: u8) -> Option<Option<InvalidReason>> {
+        Some(match b {
+            0 => None,
+            1 => Some(InvalidReason::NoUserAgent),
+            2 => Some(InvalidReason::BotUa),
+            3 => Some(InvalidReason::Prefetch),
+            4 => Some(InvalidReason::IpExcluded),
+            5 => Some(InvalidReason::DuplicateClick),
+            _ => return None,
+        })
+    }
+
+    /// Position in [`InvalidReason::ALL`].
+    pub fn index(self) -> usize {
+        self as usize - 1
+    }
+}
+
 /// An hourly aggregate bucket before the account is known (the writer
 /// resolves campaign → account).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -57,23 +114,30 @@ pub struct AggKey {
     pub hour: i64,
 }
 
-/// Counts of one aggregate bucket.
+/// Counts of one aggregate bucket: billed (net) and invalid.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counts {
     pub impressions: u64,
     pub clicks: u64,
+    pub invalid_impressions: u64,
+    pub invalid_clicks: u64,
 }
 
 impl Counts {
     pub fn add(&mut self, other: Counts) {
         self.impressions += other.impressions;
         self.clicks += other.clicks;
+        self.invalid_impressions += other.invalid_impressions;
+        self.invalid_clicks += other.invalid_clicks;
     }
 
-    fn count(&mut self, kind: EventKind) {
-        match kind {
-            EventKind::Impression => self.impressions += 1,
-            EventKind::Click => self.clicks += 1,
+    fn count(&mut self, row: &Row<'_>) {
+        let invalid = row.invalid.is_some() && row.filtered;
+        match (row.kind, invalid) {
+            (EventKind::Impression, false) => self.impressions += 1,
+            (EventKind::Click, false) => self.clicks += 1,
+            (EventKind::Impression, true) => self.invalid_impressions += 1,
+            (EventKind::Click, true) => self.invalid_clicks += 1,
         }
     }
 }
@@ -91,6 +155,11 @@ pub struct Row<'a> {
     pub received_ms: i64,
     pub page_url: &'a str,
     pub user_agent: Option<&'a str>,
+    /// Why the event is invalid traffic, if it is.
+    pub invalid: Option<InvalidReason>,
+    /// True when an invalid event counts in the invalid columns
+    /// (`IVT_FILTER=on`); false counts it as billed, as the Node service did.
+    pub filtered: bool,
 }
 
 impl Row<'_> {
@@ -138,6 +207,8 @@ struct Stored {
     page_url: TextRef,
     user_agent: TextRef,
     kind: EventKind,
+    invalid: Option<InvalidReason>,
+    filtered: bool,
 }
 
 /// A buffer's string arena is addressed with 32-bit offsets; past 4 GiB it
@@ -209,11 +280,10 @@ impl Buffer {
             page_url,
             user_agent,
             kind: row.kind,
+            invalid: row.invalid,
+            filtered: row.filtered,
         });
-        self.aggregates
-            .entry(row.key())
-            .or_default()
-            .count(row.kind);
+        self.aggregates.entry(row.key()).or_default().count(row);
         Ok(())
     }
 
@@ -253,6 +323,8 @@ impl Buffer {
             received_ms: s.received_ms,
             page_url: self.text(s.page_url).unwrap_or(""),
             user_agent: self.text(s.user_agent),
+            invalid: s.invalid,
+            filtered: s.filtered,
         }
     }
 
@@ -417,6 +489,14 @@ mod tests {
             received_ms: 1_700_000_000_000 + i as i64,
             page_url: url,
             user_agent: i.is_multiple_of(3).then_some("ua/1"),
+            // Two invalid impressions counted apart; one invalid click kept
+            // in the net numbers (IVT_FILTER=off when it was recorded).
+            invalid: match i {
+                1 | 6 => Some(InvalidReason::BotUa),
+                8 => Some(InvalidReason::DuplicateClick),
+                _ => None,
+            },
+            filtered: i != 8,
         }
     }
 
@@ -437,7 +517,7 @@ mod tests {
         let mut total = Counts::default();
         let mut from_rows: HashMap<AggKey, Counts> = HashMap::new();
         for r in &want {
-            from_rows.entry(r.key()).or_default().count(r.kind);
+            from_rows.entry(r.key()).or_default().count(r);
         }
         for (k, c) in batch.aggregates() {
             assert_eq!(from_rows.get(k), Some(c));
@@ -447,8 +527,10 @@ mod tests {
         assert_eq!(
             total,
             Counts {
-                impressions: 7,
-                clicks: 3
+                impressions: 5,
+                clicks: 3,
+                invalid_impressions: 2,
+                invalid_clicks: 0,
             }
         );
         assert_eq!(batch.oldest_received_ms(), 1_700_000_000_000);

@@ -143,6 +143,18 @@ pub struct Config {
     pub maintenance_interval: Duration,
     /// Hand partitioning to pg_partman when it is installed (`auto`), or never (`off`).
     pub partman: bool,
+    /// Count invalid traffic in the invalid columns (`on`) or as billed (`off`).
+    pub ivt_filter: bool,
+    /// Bot patterns replacing the built-in list, one regular expression per line.
+    pub bot_ua_file: Option<std::path::PathBuf>,
+    /// Client addresses whose events are `ip_excluded` (CIDRs).
+    pub ip_exclude_file: Option<std::path::PathBuf>,
+    /// Peers whose `X-Forwarded-For` is believed (CIDRs).
+    pub trusted_proxies: String,
+    /// The same click within this window counts once.
+    pub click_dedup_window: Duration,
+    /// Clicks remembered at most.
+    pub click_dedup_max: usize,
 }
 
 /// The range of one `events` partition.
@@ -674,6 +686,73 @@ pub const SETTINGS: &[Setting] = &[
             Ok(())
         },
     ),
+    text(
+        "IVT_FILTER",
+        Some("on"),
+        None,
+        "on or off",
+        "`on`: invalid traffic counts in `metrics_hourly.invalid_*`, not in the billed columns; `off`: everything counts as billed, as the Node service did (reasons are stored either way)",
+        |c, v| {
+            c.ivt_filter = match v.to_ascii_lowercase().as_str() {
+                "on" | "true" | "1" => true,
+                "off" | "false" | "0" => false,
+                _ => return Err(""),
+            };
+            Ok(())
+        },
+    ),
+    text(
+        "BOT_UA_FILE",
+        None,
+        Some("(built-in list)"),
+        "a readable file",
+        "bot user-agent patterns replacing the built-in list (the `isbot` crate's, MIT): one case-insensitive regular expression per line",
+        |c, v| {
+            c.bot_ua_file = Some(v.into());
+            Ok(())
+        },
+    ),
+    text(
+        "IP_EXCLUDE_FILE",
+        None,
+        Some("(none)"),
+        "a readable file",
+        "client addresses whose events are `ip_excluded`: addresses and CIDRs, one per line, `#` comments",
+        |c, v| {
+            c.ip_exclude_file = Some(v.into());
+            Ok(())
+        },
+    ),
+    text(
+        "TRUSTED_PROXIES",
+        None,
+        Some("(none)"),
+        "addresses or CIDRs separated by commas",
+        "peers whose `X-Forwarded-For` is believed: the client is then its right-most entry that is not a trusted proxy",
+        |c, v| {
+            crate::ipset::IpSet::parse(v).map_err(|_| "")?;
+            c.trusted_proxies = v.to_string();
+            Ok(())
+        },
+    ),
+    int(
+        "CLICK_DEDUP_WINDOW_S",
+        "30",
+        1,
+        86_400,
+        "seconds",
+        "the same click (ad unit, campaign, creative, client) again within this counts once; later copies are `duplicate_click`",
+        |c, v| c.click_dedup_window = Duration::from_secs(v),
+    ),
+    int(
+        "CLICK_DEDUP_MAX",
+        "1000000",
+        16,
+        1_000_000_000,
+        "a count of clicks",
+        "clicks remembered for deduplication at most (about 40 bytes each); past it the oldest generation is dropped early",
+        |c, v| c.click_dedup_max = v as usize,
+    ),
     Setting {
         name: "RUST_LOG",
         default: None,
@@ -730,6 +809,12 @@ impl Config {
             ledger_retention_days: 0,
             maintenance_interval: Duration::ZERO,
             partman: true,
+            ivt_filter: true,
+            bot_ua_file: None,
+            ip_exclude_file: None,
+            trusted_proxies: String::new(),
+            click_dedup_window: Duration::ZERO,
+            click_dedup_max: 0,
         }
     }
 

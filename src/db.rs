@@ -52,6 +52,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "scale",
         sql: include_str!("../migrations/V6__scale.sql"),
     },
+    Migration {
+        version: 7,
+        name: "invalid_traffic",
+        sql: include_str!("../migrations/V7__invalid_traffic.sql"),
+    },
 ];
 
 /// Advisory lock key for migrations ("ingest" in ASCII).

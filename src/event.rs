@@ -13,6 +13,7 @@ use std::fmt;
 use uuid::Uuid;
 
 pub use crate::batch::EventKind;
+use crate::batch::{InvalidReason, Row};
 
 /// Limits applied while validating; copied out of the config once at start.
 #[derive(Clone, Copy, Debug)]
@@ -38,6 +39,31 @@ pub struct Event<'a> {
     pub page_url: &'a str,
     /// Event time in unix milliseconds (the client's `timestamp`, or receipt time).
     pub timestamp_ms: i64,
+}
+
+impl<'a> Event<'a> {
+    /// The event as stored: received at `received_ms` with `user_agent`, and
+    /// its invalid-traffic verdict (`filtered`: counted as invalid, not billed).
+    pub fn stored(
+        &self,
+        received_ms: i64,
+        user_agent: Option<&'a str>,
+        invalid: Option<InvalidReason>,
+        filtered: bool,
+    ) -> Row<'a> {
+        Row {
+            kind: self.kind,
+            ad_unit_id: self.ad_unit_id,
+            campaign_id: self.campaign_id,
+            creative_id: self.creative_id,
+            timestamp_ms: self.timestamp_ms,
+            received_ms,
+            page_url: self.page_url,
+            user_agent,
+            invalid,
+            filtered,
+        }
+    }
 }
 
 /// The parameters the endpoints know. Anything else in the query (cache

@@ -32,6 +32,8 @@
 //! | [`server`] | request | the accept loop and connection draining |
 //! | [`http`] | request | routing, CORS, the pixel GIF, [`http::Rejection`], `/health`, `/metrics`, probes |
 //! | [`event`] | request | query parsing and validation → [`event::Event`] or a [`event::ParamError`] |
+//! | [`ivt`] | request | invalid traffic: bots, prefetches, excluded addresses, duplicate clicks |
+//! | [`ipset`] | shared | address ranges (CIDRs) |
 //! | [`shard`] | request | per-thread shards and the lock-free swap |
 //! | [`admission`] | request | memory caps: per-shard budgets, load shedding |
 //! | [`coordinator`] | request → batch | the flush loop: swap shards into a batch, hand it over |
@@ -58,6 +60,8 @@ pub mod coordinator;
 pub mod db;
 pub mod event;
 pub mod http;
+pub mod ipset;
+pub mod ivt;
 pub mod maintenance;
 pub mod pgcopy;
 pub mod server;
@@ -120,6 +124,62 @@ pub enum ServeError {
     WriteSide(std::io::Error),
     #[error("cannot listen on ADMIN_PORT ({0}): {1}")]
     Admin(String, std::io::Error),
+    #[error("{0}")]
+    Setting(String),
+}
+
+/// The invalid-traffic checks from the settings; the files are read now, and
+/// an unreadable or malformed one stops the start naming its variable.
+fn classifier(config: &Config) -> Result<ivt::Classifier, ServeError> {
+    let read =
+        |var: &str, path: &Option<std::path::PathBuf>| -> Result<Option<String>, ServeError> {
+            path.as_ref()
+                .map(|p| {
+                    std::fs::read_to_string(p).map_err(|e| {
+                        ServeError::Setting(format!("{var}: cannot read {}: {e}", p.display()))
+                    })
+                })
+                .transpose()
+        };
+    let bots = read("BOT_UA_FILE", &config.bot_ua_file)?;
+    if let Some(text) = &bots {
+        // Checked here: the bot list would otherwise panic on a bad pattern.
+        let lines: Vec<String> = text
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(str::to_ascii_lowercase)
+            .collect();
+        for (i, line) in lines.iter().enumerate() {
+            regex::Regex::new(line).map_err(|e| {
+                ServeError::Setting(format!(
+                    "BOT_UA_FILE: pattern {} ({line:?}) is not a regular expression: {e}",
+                    i + 1
+                ))
+            })?;
+        }
+        regex::Regex::new(&lines.join("|")).map_err(|e| {
+            ServeError::Setting(format!(
+                "BOT_UA_FILE: the patterns together are too large: {e}"
+            ))
+        })?;
+    }
+    let excluded = read("IP_EXCLUDE_FILE", &config.ip_exclude_file)?
+        .map(|t| ipset::IpSet::parse(&t))
+        .transpose()
+        .map_err(|e| ServeError::Setting(format!("IP_EXCLUDE_FILE: {e}")))?
+        .unwrap_or_default();
+    let trusted = ipset::IpSet::parse(&config.trusted_proxies)
+        .map_err(|e| ServeError::Setting(format!("TRUSTED_PROXIES: {e}")))?;
+    let dedup = ivt::ClickDedup::new(
+        config.click_dedup_window.as_millis() as i64,
+        config.click_dedup_max,
+    );
+    Ok(ivt::Classifier::new(
+        bots.as_deref(),
+        excluded,
+        trusted,
+        dedup,
+    ))
 }
 
 /// Runs the service on `listener` until `shutdown` resolves, then drains:
@@ -189,6 +249,7 @@ pub async fn serve(
             )
         }
     };
+    let classifier = classifier(&config)?;
     let state = Arc::new(AppState {
         shards: shards.clone(),
         stats: stats.clone(),
@@ -203,6 +264,8 @@ pub async fn serve(
         dropped_log: RateLimitedLog::new(Duration::from_secs(1)),
         views: http::ViewCache::new(config.view_cache),
         admin_port: admin.is_some(),
+        classifier,
+        ivt_filter: config.ivt_filter,
     });
 
     // Phase 1: serve until told to stop, then through the grace period

@@ -36,6 +36,24 @@ enum Command {
         #[arg(long, requires = "partition_events")]
         dry_run: bool,
     },
+    /// Recount metrics_hourly from events, hour by hour; exit 0 only if every key matches.
+    Verify {
+        /// First hour (UTC), e.g. 2026-12-04 or "2026-12-04 13:00"; default: the first stored hour.
+        #[arg(long)]
+        from: Option<String>,
+        /// End (UTC, exclusive); default: two hours from now.
+        #[arg(long)]
+        to: Option<String>,
+    },
+    /// Set the counts of metrics_hourly to what events say, hour by hour, while ingest runs.
+    Rebuild {
+        /// First hour (UTC), e.g. 2026-12-04 or "2026-12-04 13:00".
+        #[arg(long)]
+        from: String,
+        /// End (UTC, exclusive).
+        #[arg(long)]
+        to: String,
+    },
     /// Rows the database refused in both tables, kept in SPOOL_DIR/quarantine.
     Quarantine {
         #[command(subcommand)]
@@ -96,6 +114,10 @@ fn main() -> ExitCode {
                 partition_events: true,
                 dry_run,
             } => cli::partition::run(&config, dry_run).await,
+            Command::Verify { from, to } => {
+                cli::verify::verify(&config, from.as_deref(), to.as_deref()).await
+            }
+            Command::Rebuild { from, to } => cli::verify::rebuild(&config, &from, &to).await,
             Command::Quarantine {
                 action: QuarantineAction::List,
             } => cli::quarantine::list(&config),

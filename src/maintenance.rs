@@ -406,30 +406,35 @@ async fn hand_to_partman(conn: &Conn, policy: &Policy, r: &mut Round) -> Result<
             "INSERT INTO events SELECT * FROM ingest_default_handover; DROP TABLE ingest_default_handover; ",
         );
     }
-    sql.push_str("COMMIT");
+    // Registered and configured together, or neither.
+    sql.push_str(&partman_config_sql(&schema, policy));
+    sql.push_str("; COMMIT");
     if let Err(e) = conn.batch_execute(&sql).await {
         let _ = conn.batch_execute("ROLLBACK").await;
         return Err(e.into());
     }
-    configure_partman(conn, &schema, policy).await?;
     r.layout = Layout::Partman;
     tracing::info!(schema = %schema, "events partitions handed to pg_partman");
     Ok(())
 }
 
-/// Premake and retention in pg_partman's terms.
-async fn configure_partman(conn: &Conn, schema: &str, policy: &Policy) -> Result<(), DbError> {
-    let retention = (policy.events_retention_days > 0)
-        .then(|| format!("{} days", policy.events_retention_days));
-    conn.execute(
-        &format!(
-            "UPDATE \"{schema}\".part_config SET premake = $1, infinite_time_partitions = true, \
-                    retention = $2, retention_keep_table = false \
-              WHERE parent_table = current_schema() || '.events'"
-        ),
-        &[&(policy.premake as i32), &retention],
+/// Premake and retention in pg_partman's terms (numbers from the settings only).
+fn partman_config_sql(schema: &str, policy: &Policy) -> String {
+    let retention = match policy.events_retention_days {
+        0 => "NULL".to_string(),
+        d => format!("'{d} days'"),
+    };
+    format!(
+        "UPDATE \"{schema}\".part_config SET premake = {}, infinite_time_partitions = true, \
+                retention = {retention}, retention_keep_table = false \
+          WHERE parent_table = current_schema() || '.events'",
+        policy.premake
     )
-    .await?;
+}
+
+async fn configure_partman(conn: &Conn, schema: &str, policy: &Policy) -> Result<(), DbError> {
+    conn.batch_execute(&partman_config_sql(schema, policy))
+        .await?;
     Ok(())
 }
 

@@ -6,6 +6,7 @@
 //! connections, waiting at most until the deadline.
 
 use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -61,9 +62,12 @@ pub async fn run(
                 Ok((stream, slot)) => {
                     let _ = stream.set_nodelay(true);
                     let state = state.clone();
+                    let peer = stream
+                        .peer_addr()
+                        .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |a| a.ip());
                     let conn = builder.serve_connection(
                         TokioIo::new(stream),
-                        service_fn(move |req| http::handle(state.clone(), on, req)),
+                        service_fn(move |req| http::handle(state.clone(), on, peer, req)),
                     );
                     let conn = graceful.watch(conn);
                     tokio::spawn(async move {

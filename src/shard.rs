@@ -31,7 +31,6 @@ use arc_swap::ArcSwap;
 use tokio::sync::Notify;
 
 use crate::batch::{ArenaFull, Buffer, Row};
-use crate::event::Event;
 use crate::stats::ShardTotals;
 
 /// Why an event was not recorded. The caller turns it into a 503 (POST) or
@@ -52,20 +51,6 @@ pub enum ShardFull {
 impl From<ArenaFull> for ShardFull {
     fn from(_: ArenaFull) -> Self {
         ShardFull::Arena
-    }
-}
-
-/// The stored form of a validated event received at `received_ms`.
-fn row<'a>(ev: &Event<'a>, user_agent: Option<&'a str>, received_ms: i64) -> Row<'a> {
-    Row {
-        kind: ev.kind,
-        ad_unit_id: ev.ad_unit_id,
-        campaign_id: ev.campaign_id,
-        creative_id: ev.creative_id,
-        timestamp_ms: ev.timestamp_ms,
-        received_ms,
-        page_url: ev.page_url,
-        user_agent,
     }
 }
 
@@ -123,24 +108,18 @@ impl Shard {
     }
 
     /// Appends one event; returns the number of rows now buffered.
-    fn record(
-        &self,
-        ev: &Event<'_>,
-        user_agent: Option<&str>,
-        received_ms: i64,
-    ) -> Result<usize, ShardFull> {
+    fn record(&self, row: &Row<'_>) -> Result<usize, ShardFull> {
         if self.recorded.load(Relaxed) >= self.limit.load(Relaxed) {
             self.refused.store(self.refused.load(Relaxed) + 1, Relaxed);
             return Err(ShardFull::Shedding);
         }
-        let row = row(ev, user_agent, received_ms);
         let guard = self.cell.load();
         if guard.closed {
             return Err(ShardFull::Closed);
         }
         // SAFETY: see `ShardCell`: we are the owning thread and not re-entrant.
         let data = unsafe { &mut *guard.data.get() };
-        data.push(&row)?;
+        data.push(row)?;
         let len = data.len();
         drop(guard);
         // Single writer: a plain load + store, no locked instruction.
@@ -249,18 +228,13 @@ impl ShardSet {
     ///
     /// Never blocks: the first call on a thread registers its shard (one
     /// short lock, once per thread); every later call is lock-free.
-    pub fn record(
-        &self,
-        ev: &Event<'_>,
-        user_agent: Option<&str>,
-        received_ms: i64,
-    ) -> Result<(), ShardFull> {
+    pub fn record(&self, row: &Row<'_>) -> Result<(), ShardFull> {
         let len = LOCAL.with(|local| {
             let mut local = local.borrow_mut();
             // Common case: this thread's shard is found and used by reference
             // (no reference-count traffic on the hot path).
             if let Some((_, shard)) = local.iter().find(|(id, _)| *id == self.id) {
-                return shard.record(ev, user_agent, received_ms);
+                return shard.record(row);
             }
             let shard = {
                 let mut shards = self.shards.lock().unwrap_or_else(|p| p.into_inner());
@@ -274,7 +248,7 @@ impl ShardSet {
             };
             local.retain(|(_, s)| Arc::strong_count(s) > 1); // drop shards of stopped sets
             local.push((self.id, shard.clone()));
-            shard.record(ev, user_agent, received_ms)
+            shard.record(row)
         })?;
         if len == self.max_events {
             self.full.notify_one();
@@ -440,7 +414,8 @@ impl ShardSet {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::batch::{AggKey, Counts, EventKind};
+    use crate::batch::{AggKey, Counts, EventKind, InvalidReason};
+    use crate::event::Event;
     use uuid::Uuid;
 
     fn ev(kind: EventKind, campaign: u128, ts: i64) -> Event<'static> {
@@ -467,7 +442,9 @@ mod tests {
                     } else {
                         EventKind::Impression
                     };
-                    set.record(&ev(kind, t, i * 1000), Some("ua"), 1)
+                    // Every 8th event is a bot's: counted apart, not billed.
+                    let invalid = (i % 8 == 0).then_some(InvalidReason::BotUa);
+                    set.record(&ev(kind, t, i * 1000).stored(1, Some("ua"), invalid, true))
                         .expect("room");
                 }
             }));
@@ -497,8 +474,10 @@ mod tests {
         assert_eq!(
             total,
             Counts {
-                impressions: 36_000,
-                clicks: 4_000
+                impressions: 36_000 - 4 * 1000,
+                clicks: 4_000 - 4 * 250,
+                invalid_impressions: 4 * 1000,
+                invalid_clicks: 4 * 250,
             }
         );
         assert_eq!(set.recorded(), 40_000);
@@ -509,7 +488,7 @@ mod tests {
     async fn reaching_the_size_limit_wakes_the_coordinator() {
         let set = ShardSet::new(3);
         for _ in 0..3 {
-            set.record(&ev(EventKind::Impression, 1, 0), None, 1)
+            set.record(&ev(EventKind::Impression, 1, 0).stored(1, None, None, true))
                 .expect("room");
         }
         tokio::time::timeout(std::time::Duration::from_secs(1), set.wait_full())
@@ -531,7 +510,7 @@ mod tests {
                 &key,
                 &Counts {
                     impressions: 3,
-                    clicks: 0
+                    ..Counts::default()
                 }
             )]
         );
@@ -546,7 +525,7 @@ mod tests {
                 std::thread::spawn(move || {
                     let mut n = 0u64;
                     while set
-                        .record(&ev(EventKind::Impression, t, 0), None, 1)
+                        .record(&ev(EventKind::Impression, t, 0).stored(1, None, None, true))
                         .is_ok()
                     {
                         n += 1;
@@ -564,21 +543,22 @@ mod tests {
     #[tokio::test]
     async fn after_the_final_take_nothing_is_recorded_anywhere() {
         let set = Arc::new(ShardSet::new(1_000_000));
-        set.record(&ev(EventKind::Click, 1, 0), None, 1)
+        set.record(&ev(EventKind::Click, 1, 0).stored(1, None, None, true))
             .expect("open");
         let taken = set.close_and_take_all(|_, _| {}).await;
         assert_eq!(taken.iter().map(Buffer::len).sum::<usize>(), 1);
         assert!(set.is_closed());
         assert_eq!(
-            set.record(&ev(EventKind::Click, 1, 0), None, 1),
+            set.record(&ev(EventKind::Click, 1, 0).stored(1, None, None, true)),
             Err(ShardFull::Closed),
             "this thread's shard is closed"
         );
         let other = set.clone();
-        let fresh_thread =
-            std::thread::spawn(move || other.record(&ev(EventKind::Click, 1, 0), None, 1))
-                .join()
-                .expect("thread");
+        let fresh_thread = std::thread::spawn(move || {
+            other.record(&ev(EventKind::Click, 1, 0).stored(1, None, None, true))
+        })
+        .join()
+        .expect("thread");
         assert_eq!(
             fresh_thread,
             Err(ShardFull::Closed),

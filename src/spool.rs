@@ -37,7 +37,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use uuid::Uuid;
 
-use crate::batch::{Batch, Buffer, EventKind, Row};
+use crate::batch::{Batch, Buffer, EventKind, InvalidReason, Row};
 
 /// A segment is sealed (and becomes replayable) at this size.
 pub const SEGMENT_BYTES: u64 = 16 << 20;
@@ -45,7 +45,9 @@ pub const SEGMENT_BYTES: u64 = 16 << 20;
 pub const DISK_FULL_PAUSE: Duration = Duration::from_secs(1);
 const MAGIC: u32 = 0x5350_4f4c; // "SPOL"
 const HEADER: usize = 12;
-const FORMAT_VERSION: u8 = 1;
+/// Version 2 adds each row's invalid-traffic reason and filter flag; version
+/// 1 records (valid, from before) are still read.
+const FORMAT_VERSION: u8 = 2;
 const QUARANTINE: &str = "quarantine";
 const LOCK_FILE: &str = ".lock";
 
@@ -494,6 +496,8 @@ pub fn encode_record(batch: &Batch) -> Vec<u8> {
     out.extend_from_slice(&(batch.len() as u32).to_be_bytes());
     for row in batch.rows() {
         out.push(row.kind as u8);
+        out.push(row.invalid.map_or(0, |r| r as u8));
+        out.push(u8::from(row.filtered));
         out.extend_from_slice(row.ad_unit_id.as_bytes());
         out.extend_from_slice(row.campaign_id.as_bytes());
         out.extend_from_slice(row.creative_id.as_bytes());
@@ -554,7 +558,8 @@ fn decode(payload: &[u8]) -> Option<Batch> {
         data: payload,
         off: 0,
     };
-    if r.u8()? != FORMAT_VERSION {
+    let version = r.u8()?;
+    if !(1..=FORMAT_VERSION).contains(&version) {
         return None;
     }
     let id = r.uuid()?;
@@ -562,6 +567,11 @@ fn decode(payload: &[u8]) -> Option<Batch> {
     let mut data = Buffer::new();
     for _ in 0..n {
         let kind = EventKind::from_u8(r.u8()?)?;
+        let (invalid, filtered) = if version >= 2 {
+            (InvalidReason::from_u8(r.u8()?)?, r.u8()? == 1)
+        } else {
+            (None, true)
+        };
         let ad_unit_id = r.uuid()?;
         let campaign_id = r.uuid()?;
         let creative_id = r.uuid()?;
@@ -582,6 +592,8 @@ fn decode(payload: &[u8]) -> Option<Batch> {
             received_ms,
             page_url,
             user_agent,
+            invalid,
+            filtered,
         })
         .ok()?;
     }
@@ -660,6 +672,8 @@ mod tests {
                 received_ms: 1_700_000_000_000,
                 page_url: &url,
                 user_agent: (i % 2 == 0).then_some("ua/1"),
+                invalid: InvalidReason::from_u8((i % 6) as u8).flatten(),
+                filtered: i % 5 != 0,
             })
             .expect("room");
         }

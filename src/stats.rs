@@ -22,6 +22,8 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
+use crate::batch::InvalidReason;
+
 /// The routes whose requests are counted and timed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Route {
@@ -120,6 +122,8 @@ struct ThreadStats {
     /// Responses with any other status (rare).
     other_responses: HashMap<(Route, u16), u64>,
     rejected: HashMap<&'static str, u64>,
+    /// Events recorded as invalid traffic, by [`InvalidReason::index`].
+    invalid: [u64; InvalidReason::ALL.len()],
 }
 
 impl ThreadStats {
@@ -132,6 +136,7 @@ impl ThreadStats {
             responses: [[0; COMMON_STATUSES.len()]; N_ROUTES],
             other_responses: HashMap::new(),
             rejected: HashMap::new(),
+            invalid: [0; InvalidReason::ALL.len()],
         }
     }
 
@@ -319,6 +324,12 @@ pub struct Snapshot {
     pub responses: ResponseCounts,
     /// Refusals per `error` code.
     pub rejected: Vec<(&'static str, u64)>,
+    /// Events recorded as invalid traffic, by [`InvalidReason::index`].
+    pub invalid: [u64; InvalidReason::ALL.len()],
+    /// Clicks remembered for deduplication, and early evictions at its cap
+    /// (filled in by the request side, which owns the table).
+    pub clicks_tracked: u64,
+    pub click_evictions: u64,
     pub write: WriteHistograms,
     pub in_writer: u64,
     pub in_writer_bytes: u64,
@@ -327,6 +338,8 @@ pub struct Snapshot {
     pub last_flush_age_ms: u64,
     pub db_up: bool,
     pub migrated: bool,
+    /// The first partition-maintenance round has run (since start).
+    pub maintained: bool,
     pub shutting_down: bool,
     pub shards: ShardTotals,
     pub write_side: WriteStatus,
@@ -386,6 +399,8 @@ pub struct Stats {
     pub in_writer_bytes: AtomicU64,
     pub db_up: AtomicBool,
     pub migrated: AtomicBool,
+    /// Set once the first partition-maintenance round has run.
+    pub maintained: AtomicBool,
 }
 
 impl Default for Stats {
@@ -415,6 +430,7 @@ impl Stats {
             in_writer_bytes: AtomicU64::new(0),
             db_up: AtomicBool::new(false),
             migrated: AtomicBool::new(false),
+            maintained: AtomicBool::new(false),
         }
     }
 
@@ -437,7 +453,7 @@ impl Stats {
         shutting_down: bool,
     ) -> Snapshot {
         let (latency, latency_recent) = self.latency_histograms();
-        let (responses, rejected) = self.responses();
+        let (responses, rejected, invalid) = self.responses();
         let mut rejected: Vec<(&'static str, u64)> = rejected.into_iter().collect();
         rejected.sort();
         Snapshot {
@@ -448,6 +464,9 @@ impl Stats {
             latency_recent,
             responses,
             rejected,
+            invalid,
+            clicks_tracked: 0,
+            click_evictions: 0,
             write: self.write.lock().unwrap_or_else(|p| p.into_inner()).clone(),
             in_writer: self.in_writer.load(Relaxed),
             in_writer_bytes: self.in_writer_bytes.load(Relaxed),
@@ -456,6 +475,7 @@ impl Stats {
             last_flush_age_ms: self.last_flush_age_ms.load(Relaxed),
             db_up: self.db_up.load(Relaxed),
             migrated: self.migrated.load(Relaxed),
+            maintained: self.maintained.load(Relaxed),
             shutting_down,
             shards,
             write_side,
@@ -479,6 +499,7 @@ impl Stats {
         status: u16,
         started: Instant,
         rejected: Option<&'static str>,
+        invalid: Option<InvalidReason>,
     ) {
         let now = Instant::now();
         let nanos = u64::try_from(now.saturating_duration_since(started).as_nanos())
@@ -497,6 +518,9 @@ impl Stats {
             }
             if let Some(reason) = rejected {
                 *t.rejected.entry(reason).or_insert(0) += 1;
+            }
+            if let Some(reason) = invalid {
+                t.invalid[reason.index()] += 1;
             }
         };
         LOCAL.with(|local| {
@@ -552,9 +576,16 @@ impl Stats {
     }
 
     /// Responses per (route, status) and refusals per reason, merged over threads.
-    fn responses(&self) -> (ResponseCounts, HashMap<&'static str, u64>) {
+    fn responses(
+        &self,
+    ) -> (
+        ResponseCounts,
+        HashMap<&'static str, u64>,
+        [u64; InvalidReason::ALL.len()],
+    ) {
         let mut responses = HashMap::new();
         let mut rejected = HashMap::new();
+        let mut invalid = [0u64; InvalidReason::ALL.len()];
         for t in self
             .threads
             .lock()
@@ -575,8 +606,11 @@ impl Stats {
             for (k, v) in &t.rejected {
                 *rejected.entry(*k).or_insert(0) += v;
             }
+            for (sum, n) in invalid.iter_mut().zip(t.invalid.iter()) {
+                *sum += n;
+            }
         }
-        (responses, rejected)
+        (responses, rejected, invalid)
     }
 
     /// Records a committed batch into the write-side histograms.

@@ -219,6 +219,7 @@ fn spawn_background(config: &Config, writer: Arc<PgWriter>, stats: Arc<Stats>) -
                     )
                     .await;
                     maintenance::record(&st, first);
+                    st.maintained.store(true, Relaxed);
                     maintenance::run(w.pool().clone(), policy, st, every, deadline).await;
                     return;
                 }

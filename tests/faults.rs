@@ -93,6 +93,7 @@ async fn a_frozen_primary_and_a_failover_under_load_lose_and_double_nothing() {
     let report = app.shutdown_report().await;
     assert_eq!(report.unwritten, 0);
     let db = connect(&standby.url()).await;
+    assert_verified(&standby.url());
     assert_eq!(
         count(&db, "events").await as u64,
         sent.acknowledged,
@@ -264,6 +265,7 @@ async fn poison_rows_are_isolated_and_nothing_waits_behind_them() {
         0,
         "aggregates count exactly the stored rows"
     );
+    assert_verified(&db_url);
     assert_eq!(service.sigterm(), Some(0));
     let logs = service.logs();
     assert!(
@@ -352,6 +354,7 @@ async fn poison_rows_are_isolated_and_nothing_waits_behind_them() {
     assert_eq!(count(&db, "events").await, 4993 + 99);
     assert_eq!(count(&db, "rejected_events").await, 8);
     assert_eq!(aggregate_drift(&db).await, 0);
+    assert_verified(&db_url);
 }
 
 /// A tmpfs of `kib` KiB mounted at a new directory, unmounted on drop.
@@ -437,6 +440,7 @@ async fn a_full_spool_disk_sheds_load_and_loses_nothing_it_took() {
     .await;
     assert_eq!(h["pipeline"]["buffered"], 0, "{h}");
     assert!(h["spool"]["replayed_events"].as_u64() > Some(0), "{h}");
+    let db_url = app.db_url.clone();
     let (report, db) = app.shutdown().await;
     assert_eq!(report.unwritten, 0);
     assert_eq!(
@@ -445,6 +449,7 @@ async fn a_full_spool_disk_sheds_load_and_loses_nothing_it_took() {
         "every 2xx stored once; every 503 stored never"
     );
     assert_eq!(aggregate_drift(&db).await, 0);
+    assert_verified(&db_url);
     drop(disk);
 }
 

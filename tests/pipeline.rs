@@ -14,7 +14,13 @@ const HOUR: i64 = 3_600_000;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mixed_events_land_as_exact_rows_and_aggregates() {
     let camps = campaigns(3, 2);
-    let app = TestApp::spawn(&camps).await;
+    // Every click comes from its own visitor behind a trusted load balancer
+    // (X-Forwarded-For), so none is a duplicate and all are billed.
+    let app = TestApp::builder()
+        .campaigns(&camps)
+        .setting("TRUSTED_PROXIES", "127.0.0.1/32")
+        .start()
+        .await;
     let ad_units = [AD_UNIT, "0a4a4f0e-9a35-4c39-a6a1-1f8f26a0c0de"];
     // Two distinct hours, both safely inside the accepted window.
     let base = (now_ms() / HOUR) * HOUR;
@@ -41,7 +47,11 @@ async fn mixed_events_land_as_exact_rows_and_aggregates() {
         } else {
             "/event/impression"
         };
-        requests.push(format!("{path}?{}", event_query(c.id, au, Some(ts))));
+        let visitor = format!("198.51.100.7, 203.0.113.{}", i / 5);
+        requests.push((
+            format!("{path}?{}", event_query(c.id, au, Some(ts))),
+            visitor,
+        ));
     }
     // 8 concurrent clients, so several shards and connections take part.
     let mut tasks = Vec::new();
@@ -50,10 +60,11 @@ async fn mixed_events_land_as_exact_rows_and_aggregates() {
         let http = app.http.clone();
         let base = app.url("");
         tasks.push(tokio::spawn(async move {
-            for r in chunk {
+            for (r, visitor) in chunk {
                 let resp = http
                     .post(format!("{base}{r}"))
                     .header("User-Agent", "Mozilla/5.0 (test)")
+                    .header("X-Forwarded-For", visitor)
                     .send()
                     .await
                     .expect("request");
@@ -211,15 +222,17 @@ async fn shutdown_drains_every_buffered_event() {
     assert_eq!(report.written_at_shutdown, 150);
     assert_eq!(report.unwritten, 0);
     assert_eq!(count(&db, "events").await, 150);
-    let sums: (i64, i64) = db
+    // The 75 clicks are one visitor's on one ad: billed once, 74 duplicates.
+    let sums: (i64, i64, i64) = db
         .query_one(
-            "SELECT sum(impressions)::int8, sum(clicks)::int8 FROM metrics_hourly",
+            "SELECT sum(impressions)::int8, sum(clicks)::int8, sum(invalid_clicks)::int8
+               FROM metrics_hourly",
             &[],
         )
         .await
-        .map(|r| (r.get(0), r.get(1)))
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
         .expect("sums");
-    assert_eq!(sums, (75, 75));
+    assert_eq!(sums, (75, 1, 74));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -88,6 +88,7 @@ async fn a_database_outage_under_load_loses_nothing_and_doubles_nothing() {
         0,
         "metrics_hourly equals events grouped"
     );
+    assert_verified(&pg.url());
     assert!(
         acknowledged > 500,
         "the test sent real load: {acknowledged}"
@@ -167,12 +168,18 @@ async fn a_spool_left_by_sigkill_is_replayed_at_the_next_start_exactly_once() {
     let db = connect(&db_url).await;
     assert_eq!(count(&db, "events").await as u64, n);
     assert_eq!(aggregate_drift(&db).await, 0);
-    let clicks: i64 = db
-        .query_one("SELECT sum(clicks)::int8 FROM metrics_hourly", &[])
+    assert_verified(&db_url);
+    // 75 clicks from one client on 3 campaigns: 3 billed, 72 duplicates,
+    // classified before the kill and kept through the spool.
+    let clicks: (i64, i64) = db
+        .query_one(
+            "SELECT sum(clicks)::int8, sum(invalid_clicks)::int8 FROM metrics_hourly",
+            &[],
+        )
         .await
-        .expect("sum")
-        .get(0);
-    assert_eq!(clicks, 75);
+        .map(|r| (r.get(0), r.get(1)))
+        .expect("sum");
+    assert_eq!(clicks, (3, 72));
 
     // 4. A third start replays nothing more.
     let mut service = TestApp::builder()
@@ -218,10 +225,12 @@ async fn a_lost_commit_acknowledgement_is_replayed_as_a_no_op() {
         h["pipeline"]["duplicate_batches"].as_u64() >= Some(1),
         "the replay found the batch committed: {h}"
     );
+    let db_url = app.db_url.clone();
     let (report, db) = app.shutdown().await;
     assert_eq!(report.unwritten, 0);
     assert_eq!(count(&db, "events").await, 50, "committed once, not twice");
     assert_eq!(aggregate_drift(&db).await, 0);
+    assert_verified(&db_url);
     let sum: i64 = db
         .query_one("SELECT sum(impressions)::int8 FROM metrics_hourly", &[])
         .await
@@ -443,9 +452,12 @@ async fn two_replicas_on_one_database_sum_exactly() {
     let db = connect(&db_url).await;
     assert_eq!(count(&db, "events").await as u64, sent);
     assert_eq!(aggregate_drift(&db).await, 0);
+    assert_verified(&db_url);
+    // Gross (billed + invalid) is every event: repeated clicks from one
+    // client are duplicates, counted apart.
     let total: i64 = db
         .query_one(
-            "SELECT sum(impressions + clicks)::int8 FROM metrics_hourly",
+            "SELECT sum(impressions + clicks + invalid_impressions + invalid_clicks)::int8 FROM metrics_hourly",
             &[],
         )
         .await

@@ -442,9 +442,10 @@ async fn three_replicas_with_maintenance_and_retention_running_sum_exactly() {
     );
     assert_eq!(count(&db, "events").await as u64, sent);
     assert_eq!(aggregate_drift(&db).await, 0);
+    assert_verified(&db_url);
     let total: i64 = db
         .query_one(
-            "SELECT sum(impressions + clicks)::int8 FROM metrics_hourly",
+            "SELECT sum(impressions + clicks + invalid_impressions + invalid_clicks)::int8 FROM metrics_hourly",
             &[],
         )
         .await

@@ -5,6 +5,7 @@
 pub mod migrate;
 pub mod partition;
 pub mod quarantine;
+pub mod verify;
 
 use std::process::ExitCode;
 use std::sync::Arc;

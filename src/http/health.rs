@@ -13,6 +13,7 @@ use hyper::{Response, StatusCode};
 use serde_json::{json, Map, Value};
 
 use super::response::{json as json_response, Body};
+use crate::batch::InvalidReason;
 use crate::stats::{Counter, LatencySummary, Route, RouteHistograms, Snapshot};
 
 /// Sets `doc[a][b]…` for the dotted `path`, creating objects on the way.
@@ -46,6 +47,17 @@ fn latency(h: &RouteHistograms) -> Value {
     Value::Object(m)
 }
 
+/// Events recorded as invalid, by reason, and the click table.
+fn invalid_traffic(s: &Snapshot) -> Value {
+    let mut m = Map::new();
+    for r in InvalidReason::ALL {
+        m.insert(r.as_str().to_string(), s.invalid[r.index()].into());
+    }
+    m.insert("clicks_tracked".into(), s.clicks_tracked.into());
+    m.insert("click_dedup_evictions".into(), s.click_evictions.into());
+    Value::Object(m)
+}
+
 /// Builds the `/health` document from one snapshot.
 pub fn document(s: &Snapshot) -> Value {
     let w = &s.write_side;
@@ -69,8 +81,10 @@ pub fn document(s: &Snapshot) -> Value {
             "last_flush_events": s.last_flush_events,
             "last_flush_age_ms": s.last_flush_age_ms,
             "migrated": s.migrated,
+            "partitions_ready": s.maintained,
             "campaigns_cached": w.campaigns_cached,
         },
+        "invalid_traffic": invalid_traffic(s),
         "spool": {
             "bytes": w.spool_bytes,
             "max_bytes": w.spool_max_bytes,

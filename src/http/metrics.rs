@@ -19,6 +19,7 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
 use super::response::Body;
+use crate::batch::InvalidReason;
 use crate::stats::{Counter, Route, Snapshot};
 
 /// Request-duration buckets, seconds: fine from 1 µs to 50 ms (and beyond).
@@ -190,6 +191,30 @@ impl Collector for SnapshotCollector {
         for (name, help, v) in plain {
             counter(&mut enc, name, help, v)?;
         }
+        {
+            let mut m = enc.encode_descriptor(
+                "ingest_events_invalid",
+                "Events recorded as invalid traffic (stored, not billed), by reason",
+                None,
+                MetricType::Counter,
+            )?;
+            for r in InvalidReason::ALL {
+                m.encode_family(&[("reason", r.as_str())])?
+                    .encode_counter::<NoLabelSet, _, u64>(&s.invalid[r.index()], None)?;
+            }
+        }
+        gauge(
+            &mut enc,
+            "ingest_click_dedup_tracked",
+            "Clicks remembered for duplicate detection",
+            s.clicks_tracked as i64,
+        )?;
+        counter(
+            &mut enc,
+            "ingest_click_dedup_evictions",
+            "Times the click table dropped its older generation early, at CLICK_DEDUP_MAX",
+            s.click_evictions,
+        )?;
         gauge(
             &mut enc,
             "ingest_events_buffered",

@@ -25,6 +25,7 @@ pub mod response;
 mod views;
 
 use std::convert::Infallible;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -34,8 +35,10 @@ use hyper::body::{Body as _, Incoming};
 use hyper::header::USER_AGENT;
 use hyper::{Method, Request, Response};
 
+use crate::batch::InvalidReason;
 use crate::config::AllowedOrigins;
 use crate::event::{self, EventKind, Limits};
+use crate::ivt::Classifier;
 use crate::shard::{ShardFull, ShardSet};
 use crate::stats::{Counter, RateLimitedLog, Route, Snapshot, Stats, WriteSideStatus};
 pub use rejection::Rejection;
@@ -70,6 +73,10 @@ pub struct AppState {
     pub views: ViewCache,
     /// True when `ADMIN_PORT` serves `/metrics`, `/livez` and `/readyz`.
     pub admin_port: bool,
+    /// Invalid-traffic checks.
+    pub classifier: Classifier,
+    /// `IVT_FILTER`: invalid events count in the invalid columns.
+    pub ivt_filter: bool,
 }
 
 /// Which listener a request came in on.
@@ -84,11 +91,14 @@ pub enum Listener {
 impl AppState {
     /// Everything the operator views show, read once.
     pub fn snapshot(&self) -> Snapshot {
-        self.stats.snapshot(
+        let mut s = self.stats.snapshot(
             self.shards.totals(),
             self.write_side.status(),
             self.shutting_down.load(Relaxed),
-        )
+        );
+        s.clicks_tracked = self.classifier.dedup.tracked();
+        s.click_evictions = self.classifier.dedup.evictions.load(Relaxed);
+        s
     }
 }
 
@@ -177,16 +187,17 @@ impl Target {
     }
 }
 
-/// Handles one request that came in on `on`. Never fails: every problem is
-/// a response.
+/// Handles one request that came in on `on` from `peer`. Never fails: every
+/// problem is a response.
 pub async fn handle(
     state: Arc<AppState>,
     on: Listener,
+    peer: IpAddr,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let started = Instant::now();
     let (route, target) = Target::of(req.method(), req.uri().path(), on, state.admin_port);
-    let (response, refused) = respond(&state, target, req).await;
+    let (response, refused, invalid) = respond(&state, target, peer, req).await;
     if let Some(r) = refused {
         if matches!(target, Target::Record(..)) {
             let counter = match r {
@@ -203,7 +214,7 @@ pub async fn handle(
         .map(|r| r.code());
     state
         .stats
-        .record_request(route, response.status().as_u16(), started, reason);
+        .record_request(route, response.status().as_u16(), started, reason, invalid);
     Ok(response)
 }
 
@@ -223,33 +234,35 @@ fn check_head(req: &Request<Incoming>) -> Result<(), Rejection> {
     Ok(())
 }
 
-/// The response, and the refusal it carries, if it is one.
+/// The response, the refusal it carries (if it is one), and the recorded
+/// event's invalid-traffic reason (if it is invalid).
 async fn respond(
     state: &Arc<AppState>,
     target: Target,
+    peer: IpAddr,
     req: Request<Incoming>,
-) -> (Response<Body>, Option<Rejection>) {
+) -> (Response<Body>, Option<Rejection>, Option<InvalidReason>) {
     let checked = check_head(&req).and(match target {
         Target::Refused(r) => Err(r),
         _ => Ok(()),
     });
     if let Err(r) = checked {
-        return (r.into_response(), Some(r));
+        return (r.into_response(), Some(r), None);
     }
-    match target {
+    let (response, refused) = match target {
         Target::Record(kind, route) => {
             let is_get = matches!(route, Route::GetImpression | Route::GetClick);
             let (parts, body) = req.into_parts();
             let outcome = match drain_body(body, state.body_read_timeout).await {
-                Ok(()) => record(state, kind, &parts, is_get),
+                Ok(()) => record(state, kind, &parts, peer, is_get),
                 Err(r) => Err(r),
             };
-            let (mut response, refused) = match outcome {
-                Ok(r) => (r, None),
-                Err(r) => (r.into_response(), Some(r)),
+            let (mut response, refused, invalid) = match outcome {
+                Ok((r, invalid)) => (r, None, invalid),
+                Err(r) => (r.into_response(), Some(r), None),
             };
             cors::decorate(&state.origins, &parts.headers, &mut response);
-            (response, refused)
+            return (response, refused, invalid);
         }
         Target::Validate(kind) => {
             // Answers like GET (validation included) but records nothing.
@@ -293,16 +306,19 @@ async fn respond(
             (r, None)
         }
         Target::Refused(r) => (r.into_response(), Some(r)),
-    }
+    };
+    (response, refused, None)
 }
 
-/// Validates and records one event.
+/// Validates, classifies and records one event; the response and the
+/// event's invalid-traffic reason.
 fn record(
     state: &AppState,
     kind: EventKind,
     parts: &hyper::http::request::Parts,
+    peer: IpAddr,
     is_get: bool,
-) -> Result<Response<Body>, Rejection> {
+) -> Result<(Response<Body>, Option<InvalidReason>), Rejection> {
     let received = unix_ms(SystemTime::now());
     let query = parts.uri.query().unwrap_or("").as_bytes();
     let ua = parts
@@ -312,9 +328,22 @@ fn record(
     SCRATCH.with(|scratch| {
         let mut scratch = scratch.borrow_mut();
         let ev = event::parse_event(kind, query, received, &state.limits, &mut scratch)?;
-        match state.shards.record(&ev, ua.as_deref(), received) {
-            Ok(()) if is_get => Ok(response::pixel(true)),
-            Ok(()) => Ok(response::accepted()),
+        let ua = ua.as_deref();
+        let (invalid, click) = state
+            .classifier
+            .judge(&ev, ua, &parts.headers, peer, received);
+        let recorded = state
+            .shards
+            .record(&ev.stored(received, ua, invalid, state.ivt_filter));
+        if recorded.is_err() {
+            // A refused click must count when it is sent again.
+            if let Some(mark) = click {
+                state.classifier.dedup.forget(mark);
+            }
+        }
+        match recorded {
+            Ok(()) if is_get => Ok((response::pixel(true), invalid)),
+            Ok(()) => Ok((response::accepted(), invalid)),
             // Not stored, so never acknowledged: not even with a pixel.
             Err(ShardFull::Closed) => Err(Rejection::ShuttingDown),
             Err(refused) if is_get => {
@@ -327,7 +356,7 @@ fn record(
                         "dropping pixel events: buffers at their memory cap"
                     );
                 }
-                Ok(response::pixel(true))
+                Ok((response::pixel(true), None))
             }
             Err(_) => Err(Rejection::Overloaded),
         }

@@ -41,7 +41,9 @@ pub fn livez(state: &AppState) -> hyper::Response<Body> {
 
 pub fn readyz(state: &AppState) -> hyper::Response<Body> {
     let s = &state.stats;
-    let migrated = s.migrated.load(Relaxed);
+    // Migrated, and the first partition-maintenance round done (the
+    // partitions for the accepted window exist, or it tried).
+    let migrated = s.migrated.load(Relaxed) && s.maintained.load(Relaxed);
     let cache = state.write_side.status().campaign_cache_loaded;
     let shutting_down = state.shutting_down.load(Relaxed);
     let ready = migrated && cache && !shutting_down;

@@ -31,7 +31,7 @@ use tokio::sync::OnceCell;
 use uuid::Uuid;
 
 use crate::accounts::AccountCache;
-use crate::batch::{Batch, Row};
+use crate::batch::{AggKey, Batch, Counts, Row};
 use crate::db::{self, Conn, DbError};
 use crate::pgcopy::CopyEncoder;
 use crate::stats::Stats;
@@ -39,18 +39,22 @@ pub use sink::{ErrorClass, Sink, WriteError, WriteSummary};
 
 const COPY_EVENTS: &str =
     "COPY events (event_type, ad_unit_id, campaign_id, creative_id, account_id, \
-     page_url, user_agent, timestamp) FROM STDIN (FORMAT binary)";
+     page_url, user_agent, timestamp, invalid_reason) FROM STDIN (FORMAT binary)";
 const COPY_REJECTED: &str =
     "COPY rejected_events (reason, event_type, ad_unit_id, campaign_id, creative_id, \
-     page_url, user_agent, timestamp, received_at, batch_id) FROM STDIN (FORMAT binary)";
+     page_url, user_agent, timestamp, received_at, batch_id, invalid_reason) FROM STDIN (FORMAT binary)";
 const UPSERT_AGGREGATES: &str = "INSERT INTO metrics_hourly AS m \
-       (account_id, ad_unit_id, campaign_id, hour_timestamp, impressions, clicks) \
-     SELECT a, u, c, to_timestamp(h * 3600) AT TIME ZONE 'UTC', i, k \
-       FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::int8[], $5::int4[], $6::int4[]) AS t(a, u, c, h, i, k) \
+       (account_id, ad_unit_id, campaign_id, hour_timestamp, impressions, clicks, \
+        invalid_impressions, invalid_clicks) \
+     SELECT a, u, c, to_timestamp(h * 3600) AT TIME ZONE 'UTC', i, k, ii, ik \
+       FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::int8[], $5::int4[], $6::int4[], \
+                   $7::int4[], $8::int4[]) AS t(a, u, c, h, i, k, ii, ik) \
       ORDER BY a, u, c, h \
      ON CONFLICT (account_id, ad_unit_id, campaign_id, hour_timestamp) DO UPDATE \
         SET impressions = COALESCE(m.impressions, 0) + EXCLUDED.impressions, \
             clicks = COALESCE(m.clicks, 0) + EXCLUDED.clicks, \
+            invalid_impressions = COALESCE(m.invalid_impressions, 0) + EXCLUDED.invalid_impressions, \
+            invalid_clicks = COALESCE(m.invalid_clicks, 0) + EXCLUDED.invalid_clicks, \
             updated_at = now()";
 
 const CLAIM_BATCH: &str =
@@ -339,7 +343,7 @@ async fn copy_events(
 
 /// Encodes one `events` row (the column order of `COPY_EVENTS`).
 pub fn encode_event(enc: &mut CopyEncoder, row: &Row<'_>, account: &Uuid) {
-    enc.row(8);
+    enc.row(9);
     enc.text(row.kind.as_str());
     enc.uuid(&row.ad_unit_id);
     enc.uuid(&row.campaign_id);
@@ -348,6 +352,7 @@ pub fn encode_event(enc: &mut CopyEncoder, row: &Row<'_>, account: &Uuid) {
     enc.text(row.page_url);
     enc.opt_text(row.user_agent);
     enc.timestamp_ms(row.timestamp_ms);
+    enc.opt_text(row.invalid.map(|r| r.as_str()));
 }
 
 async fn copy_rejected(
@@ -362,7 +367,7 @@ async fn copy_rejected(
     let mut enc = CopyEncoder::new(64 * 1024);
     let mut n = 0u64;
     for row in batch.rows().filter(|r| include(&r.campaign_id)) {
-        enc.row(10);
+        enc.row(11);
         enc.text(reason);
         enc.text(row.kind.as_str());
         enc.uuid(&row.ad_unit_id);
@@ -373,6 +378,7 @@ async fn copy_rejected(
         enc.timestamp_ms(row.timestamp_ms);
         enc.timestamp_ms(row.received_ms);
         enc.uuid(&batch.id);
+        enc.opt_text(row.invalid.map(|r| r.as_str()));
         n += 1;
         if enc.len() >= COPY_CHUNK_BYTES {
             sink.send(enc.take()).await?;
@@ -389,31 +395,25 @@ async fn upsert_aggregates(
     accounts: &HashMap<Uuid, Uuid>,
 ) -> Result<(), tokio_postgres::Error> {
     // (account, ad unit, campaign, hour) sorted: the same lock order in every writer.
-    let mut keys: Vec<(Uuid, Uuid, Uuid, i64, i32, i32)> = batch
+    let mut keys: Vec<(Uuid, &AggKey, &Counts)> = batch
         .aggregates()
-        .filter_map(|(k, c)| {
-            let account = accounts.get(&k.campaign_id)?;
-            Some((
-                *account,
-                k.ad_unit_id,
-                k.campaign_id,
-                k.hour,
-                i32::try_from(c.impressions).unwrap_or(i32::MAX),
-                i32::try_from(c.clicks).unwrap_or(i32::MAX),
-            ))
-        })
+        .filter_map(|(k, c)| Some((*accounts.get(&k.campaign_id)?, k, c)))
         .collect();
     if keys.is_empty() {
         return Ok(());
     }
-    keys.sort_unstable_by_key(|k| (k.0, k.1, k.2, k.3));
+    keys.sort_unstable_by_key(|(a, k, _)| (*a, k.ad_unit_id, k.campaign_id, k.hour));
+    let n = |v: u64| i32::try_from(v).unwrap_or(i32::MAX);
     let a: Vec<Uuid> = keys.iter().map(|k| k.0).collect();
-    let u: Vec<Uuid> = keys.iter().map(|k| k.1).collect();
-    let c: Vec<Uuid> = keys.iter().map(|k| k.2).collect();
-    let h: Vec<i64> = keys.iter().map(|k| k.3).collect();
-    let i: Vec<i32> = keys.iter().map(|k| k.4).collect();
-    let k: Vec<i32> = keys.iter().map(|k| k.5).collect();
+    let u: Vec<Uuid> = keys.iter().map(|k| k.1.ad_unit_id).collect();
+    let c: Vec<Uuid> = keys.iter().map(|k| k.1.campaign_id).collect();
+    let h: Vec<i64> = keys.iter().map(|k| k.1.hour).collect();
+    let i: Vec<i32> = keys.iter().map(|k| n(k.2.impressions)).collect();
+    let k: Vec<i32> = keys.iter().map(|k| n(k.2.clicks)).collect();
+    let ii: Vec<i32> = keys.iter().map(|k| n(k.2.invalid_impressions)).collect();
+    let ik: Vec<i32> = keys.iter().map(|k| n(k.2.invalid_clicks)).collect();
     let stmt = tx.prepare_cached(UPSERT_AGGREGATES).await?;
-    tx.execute(&stmt, &[&a, &u, &c, &h, &i, &k]).await?;
+    tx.execute(&stmt, &[&a, &u, &c, &h, &i, &k, &ii, &ik])
+        .await?;
     Ok(())
 }

@@ -555,6 +555,8 @@ mod tests {
                 received_ms: 1_700_000_000_000,
                 page_url: &url,
                 user_agent: None,
+                invalid: None,
+                filtered: true,
             })
             .expect("room");
         }

@@ -230,7 +230,7 @@ impl TestAppBuilder {
             addr,
             db_url,
             db,
-            http: reqwest::Client::new(),
+            http: browser(),
             proxy,
             spool_dir,
             stop: Some(stop),
@@ -287,7 +287,7 @@ impl TestAppBuilder {
             child,
             base: format!("http://127.0.0.1:{port}"),
             db_url,
-            http: reqwest::Client::new(),
+            http: browser(),
             proxy,
             spool_dir,
             log,
@@ -341,7 +341,10 @@ impl TestApp {
     async fn wait_ready(&self) {
         for _ in 0..200 {
             if let Ok(h) = self.health().await {
-                if h["pipeline"]["migrated"] == true && h["database"] == "connected" {
+                if h["pipeline"]["migrated"] == true
+                    && h["pipeline"]["partitions_ready"] == true
+                    && h["database"] == "connected"
+                {
                     return;
                 }
             }
@@ -541,22 +544,58 @@ pub async fn wait_health(
     }
 }
 
-/// `metrics_hourly` rows that differ from `events` grouped by (account, ad unit, campaign, hour).
+/// `metrics_hourly` rows that differ from `events` grouped by (account, ad
+/// unit, campaign, hour): net counts from valid events, invalid counts from
+/// the rest (the service's default, `IVT_FILTER=on`).
 pub async fn aggregate_drift(db: &Client) -> i64 {
     db.query_one(
         "SELECT count(*) FROM (
            SELECT account_id, ad_unit_id, campaign_id, date_trunc('hour', timestamp) AS h,
-                  count(*) FILTER (WHERE event_type = 'impression') AS i,
-                  count(*) FILTER (WHERE event_type = 'click') AS c
+                  count(*) FILTER (WHERE event_type = 'impression' AND invalid_reason IS NULL) AS i,
+                  count(*) FILTER (WHERE event_type = 'click' AND invalid_reason IS NULL) AS c,
+                  count(*) FILTER (WHERE event_type = 'impression' AND invalid_reason IS NOT NULL) AS ii,
+                  count(*) FILTER (WHERE event_type = 'click' AND invalid_reason IS NOT NULL) AS ic
              FROM events GROUP BY 1, 2, 3, 4) e
          FULL JOIN metrics_hourly m
            ON (m.account_id, m.ad_unit_id, m.campaign_id, m.hour_timestamp) = (e.account_id, e.ad_unit_id, e.campaign_id, e.h)
-        WHERE m.id IS NULL OR e.h IS NULL OR m.impressions <> e.i OR m.clicks <> e.c",
+        WHERE m.id IS NULL OR e.h IS NULL OR m.impressions <> e.i OR m.clicks <> e.c
+           OR m.invalid_impressions <> e.ii OR m.invalid_clicks <> e.ic",
         &[],
     )
     .await
     .expect("drift query")
     .get(0)
+}
+
+/// Runs `ingest verify` against `db_url` and fails the test unless it exits
+/// 0 ("every key matches"): every fault test ends with it.
+pub fn assert_verified(db_url: &str) {
+    let out = std::process::Command::new(BIN)
+        .arg("verify")
+        .env("DATABASE_URL", db_url)
+        .env("LOG_LEVEL", "error")
+        .output()
+        .expect("run ingest verify");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("every key matches"),
+        "ingest verify: {}\n{stdout}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A desktop Chrome's User-Agent: what the tests' pixels send, so their
+/// events are valid traffic (a request without one is `no_user_agent`).
+pub const BROWSER_UA: &str = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 \
+     (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36";
+
+/// An HTTP client that presents itself as [`BROWSER_UA`].
+pub fn browser() -> reqwest::Client {
+    reqwest::Client::builder()
+        .user_agent(BROWSER_UA)
+        .build()
+        .expect("http client")
 }
 
 /// `n` campaigns spread over `accounts` accounts.
@@ -620,7 +659,7 @@ impl Load {
         for t in 0..clients {
             let (base, camps, stop) = (base.clone(), camps.clone(), stop.clone());
             tasks.push(tokio::spawn(async move {
-                let http = reqwest::Client::new();
+                let http = browser();
                 let mut tally = Load::default();
                 let mut i = t;
                 while !stop.load(SeqCst) {
