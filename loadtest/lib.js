@@ -32,7 +32,16 @@ export function eventQuery() {
     `&creative_id=${pick(IDS.creatives)}&page_url=${encodeURIComponent(pick(PAGES))}&timestamp=${Date.now()}`;
 }
 
-const params = { headers: { 'User-Agent': 'k6-loadtest (ingest)' }, tags: {} };
+// Browsers' user agents, so the events are valid traffic and land in the
+// billed columns as pixels' do (k6's own agent, or none, would be counted as
+// invalid traffic: see README "Counting rules"). UA=... sends one of your own.
+const AGENTS = __ENV.UA ? [__ENV.UA] : [
+  'Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36',
+  'Mozilla/5.0 (iPhone; CPU iPhone OS 18_1 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/18.1 Mobile/15E148 Safari/604.1',
+  'Mozilla/5.0 (Linux; Android 10; K) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Mobile Safari/537.36',
+  'Mozilla/5.0 (Windows NT 10.0; Win64; x64; rv:133.0) Gecko/20100101 Firefox/133.0',
+];
+const params = { headers: { 'User-Agent': AGENTS[__VU % AGENTS.length] }, tags: {} };
 
 // One POST event, 90% impressions / 10% clicks, as the wrk load does.
 export function postEvent() {

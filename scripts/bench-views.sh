@@ -2,7 +2,7 @@
 # scripts/bench-views.sh [ROUNDS] — does flooding the operator views slow the events?
 #
 # The service with a throw-away PostgreSQL (fixture campaigns), both on core 0; on core 1
-#   wrk -t1 -c64 -d$DURATION -s ../shared/bench/wrk/$LUA   (the events; zipf mix by default)
+#   wrk -t1 -c64 -d$DURATION -s $WRK_SCRIPT   (the events; zipf mix by default)
 # and, at the same time and on the same core, a second wrk with 8 connections flooding one
 # endpoint: none, /livez (the control: a cheap answer), /health, /metrics. Rounds alternate
 # the four cases; per case it prints the event rate (median of ROUNDS, default 3), the flood's
@@ -14,8 +14,8 @@ ROUNDS=${1:-3}
 DURATION=${DURATION:-10s}
 PORT=${PORT:-18083}; PGPORT=${BENCH_PGPORT:-55496}
 SHARED=${SHARED:-$(cd .. && pwd)/shared}; BENCH="$SHARED/bench"
-case "${MIX:-zipf}" in zipf) LUA=event-zipf.lua ;; uniform) LUA=event.lua ;; *) echo "MIX is zipf or uniform" >&2; exit 2 ;; esac
 . scripts/lib.sh
+wrk_script
 pg_ensure_installed
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/ingest-views.XXXXXX"); chmod 755 "$WORK"
 SVC_PID=""
@@ -38,7 +38,7 @@ for r in $(seq 1 "$ROUNDS"); do
       taskset -c 1 wrk -t1 -c8 -d"$DURATION" "http://127.0.0.1:$PORT$target" >"$WORK/flood.out" 2>&1 &
       FPID=$!
     fi
-    R=$(taskset -c 1 wrk -t1 -c64 -d"$DURATION" --latency -s "$BENCH/wrk/$LUA" "http://127.0.0.1:$PORT" 2>&1 | grep ^RESULT)
+    R=$(taskset -c 1 wrk -t1 -c64 -d"$DURATION" --latency -s "$WRK_SCRIPT" "http://127.0.0.1:$PORT" 2>&1 | grep ^RESULT)
     F=0
     if [ "$target" != none ]; then
       wait "$FPID" || true

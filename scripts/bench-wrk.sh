@@ -3,8 +3,9 @@
 #
 # Starts a throw-away PostgreSQL (../shared/bench/pg-up.sh) with the 500
 # fixture campaigns, the release service, both pinned to core 0, and runs
-#   taskset -c 1 wrk -t1 -c$CONNS -d$DURATION --latency -s ../shared/bench/wrk/$LUA
-# (MIX=zipf, the default: event-zipf.lua; MIX=uniform: event.lua)
+#   taskset -c 1 wrk -t1 -c$CONNS -d$DURATION --latency -s $WRK_SCRIPT
+# (MIX=zipf, the default: event-zipf.lua; MIX=uniform: event.lua; UA=browser adds
+# realistic User-Agent headers, scripts/wrk/with-ua.lua)
 # against it. Then it stops the service with SIGTERM (drain), and prints wrk's
 # RESULT line, the 2xx count, the rows in `events`, and the server's /health
 # latency just before shutdown. All load goes to 127.0.0.1 and is time-bounded.
@@ -21,9 +22,8 @@ PGPORT=${BENCH_PGPORT:-55499}
 SHARED=${SHARED:-$(cd .. && pwd)/shared}
 BENCH="$SHARED/bench"
 [ -f "$BENCH/wrk/event.lua" ] || { echo "shared bench not found at $BENCH (set SHARED=...)" >&2; exit 1; }
-case "${MIX:-zipf}" in zipf) LUA=event-zipf.lua ;; uniform) LUA=event.lua ;; *) echo "MIX is zipf or uniform" >&2; exit 2 ;; esac
-echo "key mix: ${MIX:-zipf} ($LUA)"
 . scripts/lib.sh
+wrk_script
 pg_ensure_installed
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/ingest-bench.XXXXXX"); chmod 755 "$WORK"
@@ -44,7 +44,7 @@ for round in $(seq 1 "$ROUNDS"); do
   SVC_PID=$!
   for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$PORT/health" >/dev/null && break; sleep 0.1; done
   CPU0=$(awk '{print $14+$15}' "/proc/$SVC_PID/stat")
-  OUT=$(taskset -c 1 wrk -t1 -c"$CONNS" -d"$DURATION" --latency -s "$BENCH/wrk/$LUA" "http://127.0.0.1:$PORT" 2>&1)
+  OUT=$(taskset -c 1 wrk -t1 -c"$CONNS" -d"$DURATION" --latency -s "$WRK_SCRIPT" "http://127.0.0.1:$PORT" 2>&1)
   CPU1=$(awk '{print $14+$15}' "/proc/$SVC_PID/stat")
   RSS=$(awk '/VmRSS/{print $2}' "/proc/$SVC_PID/status")
   HEALTH=$(curl -s "http://127.0.0.1:$PORT/health")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # scripts/drill.sh outage|crash|failover|slow-disk — fault drills under the shared wrk
 # load, with figures. MIX=zipf (default, ../shared/bench/wrk/event-zipf.lua) or uniform
-# (event.lua).
+# (event.lua); UA=browser for realistic User-Agent headers (scripts/lib.sh).
 #
 #   outage     PostgreSQL is stopped (-m immediate) OUTAGE_AT_S seconds (default 5) into
 #              a LOAD_S-second (default 40) wrk run and started again OUTAGE_S (default
@@ -63,9 +63,8 @@ start_service() {
 health() { curl -s "http://127.0.0.1:$PORT/health"; }
 field() { python3 -c "import json,sys; d=json.load(sys.stdin); print(eval('d' + sys.argv[1]))" "$1"; }
 rss_kib() { awk '/VmRSS/{print $2}' "/proc/$SVC_PID/status" 2>/dev/null || echo 0; }
-case "${MIX:-zipf}" in zipf) LUA=event-zipf.lua ;; uniform) LUA=event.lua ;; *) echo "MIX is zipf or uniform" >&2; exit 2 ;; esac
-echo "key mix: ${MIX:-zipf} ($LUA)"
-run_wrk() { taskset -c 1 wrk -t1 -c"$CONNS" -d"$1" --latency -s "$BENCH/wrk/$LUA" "http://127.0.0.1:$PORT" >"$WORK/wrk.out" 2>&1 & WRK_PID=$!; }
+wrk_script
+run_wrk() { taskset -c 1 wrk -t1 -c"$CONNS" -d"$1" --latency -s "$WRK_SCRIPT" "http://127.0.0.1:$PORT" >"$WORK/wrk.out" 2>&1 & WRK_PID=$!; }
 # `ingest verify` over every stored hour: the summary line and its exit status.
 verify() {
   local out rc=0

@@ -2,9 +2,11 @@
 # scripts/floor.sh [ROUNDS] — the service against a do-nothing HTTP floor, in one run.
 #
 # Alternating rounds (floor, service, floor, service, ...; default 3 each) with the same
-#   taskset -c 1 wrk -t1 -c$CONNS -d$DURATION --latency -s ../shared/bench/wrk/$LUA
+#   taskset -c 1 wrk -t1 -c$CONNS -d$DURATION --latency -s $WRK_SCRIPT
 # where MIX=zipf (default: event-zipf.lua, the production-like key mix) or MIX=uniform
-# (event.lua, every event a new hourly key: the worst case for the upsert).
+# (event.lua, every event a new hourly key: the worst case for the upsert), and UA=none
+# (default: the shared script's requests, which carry no User-Agent) or UA=browser
+# (scripts/wrk/with-ua.lua: a realistic browser and bot mix; see scripts/lib.sh).
 # The floor is nginx answering 204 (../shared/bench/nginx204.sh); the service runs with a
 # throw-away PostgreSQL holding the fixture campaigns. The floor, the service and PostgreSQL
 # are all pinned to core 0, wrk to core 1 (../shared/bench/README.md).
@@ -46,9 +48,8 @@ tree_ticks() {
 ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
 field() { python3 -c "import json,sys; d=json.load(sys.stdin); print(eval('d' + sys.argv[1]))" "$1"; }
 res() { echo "$1" | sed -E "s/.* $2=([0-9]+).*/\1/"; }
-case "${MIX:-zipf}" in zipf) LUA=event-zipf.lua ;; uniform) LUA=event.lua ;; *) echo "MIX is zipf or uniform" >&2; exit 2 ;; esac
-echo "key mix: ${MIX:-zipf} ($LUA)"
-run_wrk() { taskset -c 1 wrk -t1 -c"$CONNS" -d"$DURATION" --latency -s "$BENCH/wrk/$LUA" "http://127.0.0.1:$1" 2>&1 | grep ^RESULT; }
+wrk_script
+run_wrk() { taskset -c 1 wrk -t1 -c"$CONNS" -d"$DURATION" --latency -s "$WRK_SCRIPT" "http://127.0.0.1:$1" 2>&1 | grep ^RESULT; }
 DUR_S=$(echo "$DURATION" | sed 's/s$//')
 
 F_RPS=(); F_CPU=(); S_RPS=(); S_CPU=(); SP_CPU=(); S_P99=(); F_P99=(); ROWS_S=()

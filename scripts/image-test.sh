@@ -104,18 +104,22 @@ chroot --userspec=10001:10001 "$MNT" env -i PATH=/usr/local/bin:/usr/bin:/bin NO
 SVC_PID=$!
 for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$SPORT/readyz" >/dev/null && break; sleep 0.1; done
 step "posting 100 events to the image's service"
+# curl's own User-Agent is a bot by the counting rules (README, Counting rules): a pixel is
+# fetched by a browser, so post as one and expect every impression billed.
+BROWSER_UA='Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0 Safari/537.36'
 OK=0
 for i in $(seq 1 100); do
-  code=$(curl -s -o /dev/null -w '%{http_code}' -X POST \
+  code=$(curl -s -o /dev/null -w '%{http_code}' -X POST -A "$BROWSER_UA" \
     "http://127.0.0.1:$SPORT/event/impression?ad_unit_id=1b4e28ba-2fa1-41d2-883f-0016d3cca427&campaign_id=$C&creative_id=6f1a9e0c-3d2b-4c5e-9f7a-8b6c5d4e3f21&page_url=https%3A%2F%2Fe.x%2F$i")
   [ "$code" = 204 ] && OK=$((OK + 1))
 done
 kill -TERM "$SVC_PID"; wait "$SVC_PID"; CODE=$?; SVC_PID=""
 ROWS=$(PSQL -c "SELECT count(*) FROM events")
 IMPRESSIONS=$(PSQL -c "SELECT sum(impressions) FROM metrics_hourly")
+INVALID=$(PSQL -c "SELECT sum(invalid_impressions) FROM metrics_hourly")
 REPORT=$(grep -F '"drain report"' "$WORK/service.log" || true)
-echo "    2xx=$OK rows=$ROWS impressions=$IMPRESSIONS exit=$CODE"
+echo "    2xx=$OK rows=$ROWS impressions=$IMPRESSIONS invalid=$INVALID exit=$CODE"
 echo "    $REPORT"
-[ "$OK" = 100 ] && [ "$ROWS" = 100 ] && [ "$IMPRESSIONS" = 100 ] && [ "$CODE" = 0 ] && [ -n "$REPORT" ] \
+[ "$OK" = 100 ] && [ "$ROWS" = 100 ] && [ "$IMPRESSIONS" = 100 ] && [ "$INVALID" = 0 ] && [ "$CODE" = 0 ] && [ -n "$REPORT" ] \
   || { echo "image test FAILED" >&2; tail -20 "$WORK/service.log" >&2; exit 1; }
 step "image test passed (build ${BUILD_S} s)"

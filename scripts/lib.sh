@@ -92,3 +92,18 @@ bench_db() {
   ./target/release/ingest migrate 2>/dev/null
   PSQL -f "$BENCH/fixtures/fixtures.sql" >/dev/null
 }
+
+# wrk_script: WRK_SCRIPT for the load. MIX=zipf (default: ../shared/bench/wrk/event-zipf.lua,
+# the production-like key mix) or uniform (event.lua, the worst case); UA=none (default: the
+# shared script as it is, no User-Agent, so every event is `no_user_agent` invalid traffic) or
+# browser (scripts/wrk/with-ua.lua around it: a realistic browser/bot mix of agents).
+wrk_script() {
+  local lua
+  case "${MIX:-zipf}" in zipf) lua=event-zipf.lua ;; uniform) lua=event.lua ;; *) echo "MIX is zipf or uniform" >&2; exit 2 ;; esac
+  case "${UA:-none}" in
+    none) WRK_SCRIPT="$BENCH/wrk/$lua" ;;
+    browser) export BASE_LUA="$BENCH/wrk/$lua"; WRK_SCRIPT="$PWD/scripts/wrk/with-ua.lua" ;;
+    *) echo "UA is none or browser" >&2; exit 2 ;;
+  esac
+  echo "key mix: ${MIX:-zipf} ($lua), user agents: ${UA:-none}"
+}

@@ -747,10 +747,10 @@ pub const SETTINGS: &[Setting] = &[
     int(
         "CLICK_DEDUP_MAX",
         "1000000",
-        16,
+        32,
         1_000_000_000,
         "a count of clicks",
-        "clicks remembered for deduplication at most (about 40 bytes each); past it the oldest generation is dropped early",
+        "clicks remembered for deduplication at most; when full the older half is forgotten early (so a duplicate may count again, a first click never fails)",
         |c, v| c.click_dedup_max = v as usize,
     ),
     Setting {

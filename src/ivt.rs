@@ -106,14 +106,17 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &IpSet) -> IpAddr {
 ///
 /// Two generations of a hash table per shard: entries move to the older one
 /// as the window passes and are dropped a window later, so every click seen
-/// within the window is still there. Memory is capped (`CLICK_DEDUP_MAX`
-/// entries): when a shard's share is full, its older generation is dropped
-/// early (counted in `evictions`), so a click older than the current
-/// generation may then count again: the cap can only let a duplicate through,
-/// never refuse a first click.
+/// within the window is still there. Memory is capped: at most
+/// `CLICK_DEDUP_MAX` clicks are remembered, half of each shard's share per
+/// generation. When a shard's current generation is full it becomes the older
+/// one early and the older one is dropped (counted in `evictions`): the most
+/// recent half of the cap is always remembered, and a click older than that
+/// may count again. The cap can only let a duplicate through, never refuse a
+/// first click. The tables keep their capacity when they rotate, so once warm
+/// remembering a click does not allocate.
 pub struct ClickDedup {
     window_ms: i64,
-    per_shard: usize,
+    per_generation: usize,
     key: std::collections::hash_map::RandomState,
     shards: Vec<Mutex<Generations>>,
     pub evictions: AtomicU64,
@@ -130,7 +133,7 @@ impl ClickDedup {
     pub fn new(window_ms: i64, max_entries: usize) -> Self {
         ClickDedup {
             window_ms: window_ms.max(1),
-            per_shard: (max_entries / DEDUP_SHARDS).max(1),
+            per_generation: (max_entries / DEDUP_SHARDS / 2).max(1),
             key: std::collections::hash_map::RandomState::new(),
             shards: (0..DEDUP_SHARDS)
                 .map(|_| Mutex::new(Generations::default()))
@@ -175,9 +178,7 @@ impl ClickDedup {
             g.current.clear();
             g.started_ms = now_ms;
         } else if age >= self.window_ms {
-            let old = std::mem::take(&mut g.current);
-            g.previous = old;
-            g.started_ms = now_ms;
+            g.rotate(now_ms);
         }
         let first = g
             .current
@@ -187,12 +188,11 @@ impl ClickDedup {
         if first.is_some_and(|t| now_ms - t < self.window_ms) {
             return true;
         }
-        if g.current.len() >= self.per_shard {
+        if g.current.len() >= self.per_generation {
             // Full: the current generation becomes the older one now, and
             // the older one is dropped early.
             self.evictions.fetch_add(1, Relaxed);
-            g.previous = std::mem::take(&mut g.current);
-            g.started_ms = now_ms;
+            g.rotate(now_ms);
         }
         g.current.insert(key, now_ms);
         false
@@ -207,6 +207,16 @@ impl ClickDedup {
                 (g.current.len() + g.previous.len()) as u64
             })
             .sum()
+    }
+}
+
+impl Generations {
+    /// The current generation becomes the older one; the older one is
+    /// emptied (keeping its memory) and becomes the current one.
+    fn rotate(&mut self, now_ms: i64) {
+        std::mem::swap(&mut self.current, &mut self.previous);
+        self.current.clear();
+        self.started_ms = now_ms;
     }
 }
 
@@ -543,7 +553,13 @@ mod tests {
                 "a first click is never refused"
             );
         }
-        assert!(d.tracked() <= 2 * 16 * 8, "{}", d.tracked());
+        assert!(d.tracked() <= 16 * 8, "{}", d.tracked());
         assert!(d.evictions.load(Relaxed) > 0);
+        // The latest click of each shard is always still remembered.
+        let last = Event {
+            creative_id: Uuid::from_u128(9_999),
+            ..click()
+        };
+        assert!(d.seen(&last, peer, CHROME, 10_000));
     }
 }

@@ -196,6 +196,8 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<DrainReport, ServeError> {
+    // The settings that name files are checked before anything starts.
+    let classifier = classifier(&config)?;
     let pool = db::pool(&config)?;
     let spool = Spool::open(&config.spool_dir, config.spool_max_bytes).map_err(|source| {
         ServeError::Spool {
@@ -249,7 +251,6 @@ pub async fn serve(
             )
         }
     };
-    let classifier = classifier(&config)?;
     let state = Arc::new(AppState {
         shards: shards.clone(),
         stats: stats.clone(),

@@ -161,6 +161,12 @@ async fn serve(config: Config) -> ExitCode {
             }
             ExitCode::SUCCESS
         }
+        // A setting that names a file the service cannot use: a usage
+        // error, as for the other settings.
+        Err(e @ ingest::ServeError::Setting(_)) => {
+            eprintln!("{e}");
+            ExitCode::from(2)
+        }
         Err(e) => {
             tracing::error!(error = %e, "service failed");
             ExitCode::FAILURE

@@ -89,13 +89,14 @@ async fn recount(
 const HOURS: &str = "
 SELECT h FROM generate_series(
     date_trunc('hour', coalesce($1::text::timestamp,
-        (SELECT min(hour_timestamp) FROM metrics_hourly), now() AT TIME ZONE 'UTC')),
+        least((SELECT min(hour_timestamp) FROM metrics_hourly), (SELECT min(timestamp) FROM events)),
+        now() AT TIME ZONE 'UTC')),
     date_trunc('hour', coalesce($2::text::timestamp, (now() AT TIME ZONE 'UTC') + interval '2 hours'))
         - interval '1 microsecond',
     interval '1 hour') AS g(h)";
 
 /// The hours from `from` to `to` (defaults: the first hour in
-/// `metrics_hourly`, and two hours from now); `Err((exit code, message))`.
+/// `metrics_hourly` or `events`, and two hours from now); `Err((exit code, message))`.
 async fn hours(
     conn: &Conn,
     from: Option<&str>,
