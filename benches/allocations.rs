@@ -130,7 +130,7 @@ fn click_table_memory() {
             held as f64 / tracked as f64,
             peak as f64 / 1048576.0,
             peak as f64 / cap as f64,
-            dedup.evictions.load(Relaxed)
+            dedup.evictions()
         );
     }
 }

@@ -41,6 +41,7 @@ fn filled(events: usize, keys: usize, threads: usize, fx: &Arc<fixture::Fixture>
                         creative_id: fx.creatives[i % fx.creatives.len()],
                         page_url: url,
                         timestamp_ms: NOW,
+                        event_id: None,
                     };
                     set.record(&ev.stored(NOW, Some("Mozilla/5.0"), None, true))
                         .expect("room");

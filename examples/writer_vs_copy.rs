@@ -89,6 +89,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     user_agent: Some("Mozilla/5.0 (X11; Linux x86_64) bench"),
                     invalid: None,
                     filtered: true,
+                    event_id: None,
                 })
                 .map_err(|e| e.to_string())?;
             }

@@ -131,6 +131,18 @@ impl Counts {
         self.invalid_clicks += other.invalid_clicks;
     }
 
+    /// Takes one row's count back out (a row found to be a duplicate at write time).
+    fn uncount(&mut self, row: &Row<'_>) {
+        let mut one = Counts::default();
+        one.count(row);
+        self.impressions = self.impressions.saturating_sub(one.impressions);
+        self.clicks = self.clicks.saturating_sub(one.clicks);
+        self.invalid_impressions = self
+            .invalid_impressions
+            .saturating_sub(one.invalid_impressions);
+        self.invalid_clicks = self.invalid_clicks.saturating_sub(one.invalid_clicks);
+    }
+
     fn count(&mut self, row: &Row<'_>) {
         let invalid = row.invalid.is_some() && row.filtered;
         match (row.kind, invalid) {
@@ -160,6 +172,8 @@ pub struct Row<'a> {
     /// True when an invalid event counts in the invalid columns
     /// (`IVT_FILTER=on`); false counts it as billed, as the Node service did.
     pub filtered: bool,
+    /// The client's idempotency key (`event_id`), if it sent one.
+    pub event_id: Option<Uuid>,
 }
 
 impl Row<'_> {
@@ -209,6 +223,7 @@ struct Stored {
     kind: EventKind,
     invalid: Option<InvalidReason>,
     filtered: bool,
+    event_id: Option<Uuid>,
 }
 
 /// A buffer's string arena is addressed with 32-bit offsets; past 4 GiB it
@@ -282,6 +297,7 @@ impl Buffer {
             kind: row.kind,
             invalid: row.invalid,
             filtered: row.filtered,
+            event_id: row.event_id,
         });
         self.aggregates.entry(row.key()).or_default().count(row);
         Ok(())
@@ -325,6 +341,7 @@ impl Buffer {
             user_agent: self.text(s.user_agent),
             invalid: s.invalid,
             filtered: s.filtered,
+            event_id: s.event_id,
         }
     }
 
@@ -412,6 +429,26 @@ impl Batch {
         self.aggregates.iter()
     }
 
+    /// The merged hourly counters without the rows whose position (in
+    /// [`Batch::rows`] order) is in `skip` (sorted): what the batch counts once
+    /// the rows the `event_ids` arbiter found to be repeats are left out.
+    pub fn aggregates_without(&self, skip: &[usize]) -> HashMap<AggKey, Counts, KeyHasher> {
+        let mut out = self.aggregates.clone();
+        let mut skip = skip.iter().peekable();
+        for (i, row) in self.rows().enumerate() {
+            if skip.peek().is_none() {
+                break;
+            }
+            if skip.next_if(|&&s| s == i).is_some() {
+                if let Some(c) = out.get_mut(&row.key()) {
+                    c.uncount(&row);
+                }
+            }
+        }
+        out.retain(|_, c| *c != Counts::default());
+        out
+    }
+
     /// Number of distinct aggregate keys.
     pub fn aggregate_keys(&self) -> usize {
         self.aggregates.len()
@@ -471,6 +508,134 @@ impl Batch {
     }
 }
 
+/// The byte form of one [`Row`], shared by the spool (batches the database
+/// would not take) and the durable-acknowledgement journal, so both read and
+/// write rows the same way. Version 3 adds `event_id`; version 2 added the
+/// invalid-traffic reason and filter flag; older versions are still read.
+pub mod codec {
+    use super::{EventKind, InvalidReason, Row};
+    use uuid::Uuid;
+
+    /// The version [`encode_row`] writes.
+    pub const ROW_VERSION: u8 = 3;
+
+    /// Appends `row` in the current version's form.
+    pub fn encode_row(out: &mut Vec<u8>, row: &Row<'_>) {
+        out.push(row.kind as u8);
+        out.push(row.invalid.map_or(0, |r| r as u8));
+        out.push(u8::from(row.filtered));
+        match row.event_id {
+            Some(id) => {
+                out.push(1);
+                out.extend_from_slice(id.as_bytes());
+            }
+            None => out.push(0),
+        }
+        out.extend_from_slice(row.ad_unit_id.as_bytes());
+        out.extend_from_slice(row.campaign_id.as_bytes());
+        out.extend_from_slice(row.creative_id.as_bytes());
+        out.extend_from_slice(&row.timestamp_ms.to_be_bytes());
+        out.extend_from_slice(&row.received_ms.to_be_bytes());
+        let url = row.page_url.as_bytes();
+        out.extend_from_slice(&(url.len() as u32).to_be_bytes());
+        out.extend_from_slice(url);
+        match row.user_agent {
+            Some(ua) => {
+                out.extend_from_slice(&(ua.len() as u32).to_be_bytes());
+                out.extend_from_slice(ua.as_bytes());
+            }
+            None => out.extend_from_slice(&u32::MAX.to_be_bytes()),
+        }
+    }
+
+    /// Reads big-endian fields off a byte slice; every read is bounds-checked.
+    pub struct Reader<'a> {
+        data: &'a [u8],
+        off: usize,
+    }
+
+    impl<'a> Reader<'a> {
+        pub fn new(data: &'a [u8]) -> Self {
+            Reader { data, off: 0 }
+        }
+        /// True when every byte was read.
+        pub fn at_end(&self) -> bool {
+            self.off == self.data.len()
+        }
+        pub fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+            let s = self.data.get(self.off..self.off.checked_add(n)?)?;
+            self.off += n;
+            Some(s)
+        }
+        pub fn u8(&mut self) -> Option<u8> {
+            self.take(1).map(|b| b[0])
+        }
+        pub fn u32(&mut self) -> Option<u32> {
+            self.take(4)
+                .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+        }
+        pub fn u64(&mut self) -> Option<u64> {
+            let b = self.take(8)?;
+            Some(u64::from_be_bytes([
+                b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7],
+            ]))
+        }
+        pub fn i64(&mut self) -> Option<i64> {
+            self.u64().map(|v| v as i64)
+        }
+        pub fn uuid(&mut self) -> Option<Uuid> {
+            Uuid::from_slice(self.take(16)?).ok()
+        }
+        pub fn str(&mut self, len: usize) -> Option<&'a str> {
+            std::str::from_utf8(self.take(len)?).ok()
+        }
+    }
+
+    /// Reads one row written by `version` (1 to [`ROW_VERSION`]); `None` if
+    /// the bytes are not a row of that version.
+    pub fn decode_row<'a>(r: &mut Reader<'a>, version: u8) -> Option<Row<'a>> {
+        let kind = EventKind::from_u8(r.u8()?)?;
+        let (invalid, filtered) = if version >= 2 {
+            (InvalidReason::from_u8(r.u8()?)?, r.u8()? == 1)
+        } else {
+            (None, true)
+        };
+        let event_id = if version >= 3 {
+            match r.u8()? {
+                0 => None,
+                1 => Some(r.uuid()?),
+                _ => return None,
+            }
+        } else {
+            None
+        };
+        let ad_unit_id = r.uuid()?;
+        let campaign_id = r.uuid()?;
+        let creative_id = r.uuid()?;
+        let timestamp_ms = r.i64()?;
+        let received_ms = r.i64()?;
+        let url_len = r.u32()? as usize;
+        let page_url = r.str(url_len)?;
+        let user_agent = match r.u32()? {
+            u32::MAX => None,
+            len => Some(r.str(len as usize)?),
+        };
+        Some(Row {
+            kind,
+            ad_unit_id,
+            campaign_id,
+            creative_id,
+            timestamp_ms,
+            received_ms,
+            page_url,
+            user_agent,
+            invalid,
+            filtered,
+            event_id,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -497,6 +662,7 @@ mod tests {
                 _ => None,
             },
             filtered: i != 8,
+            event_id: (i % 5 == 2).then(|| Uuid::from_u128(1000 + i as u128)),
         }
     }
 
@@ -597,5 +763,33 @@ mod tests {
         assert_eq!(same.len(), 1);
         assert_eq!(same[0].id, small_id, "a small batch keeps its id");
         assert_ne!(chunks[0].id, id);
+    }
+
+    #[test]
+    fn rows_survive_the_codec_and_skipped_rows_leave_the_counts() {
+        let urls: Vec<String> = (0..10).map(|i| format!("https://e.x/{i}")).collect();
+        let batch = sample(10, &urls);
+        let mut bytes = Vec::new();
+        for r in batch.rows() {
+            codec::encode_row(&mut bytes, &r);
+        }
+        let mut rd = codec::Reader::new(&bytes);
+        let back: Vec<Row<'_>> = (0..10)
+            .map(|_| codec::decode_row(&mut rd, codec::ROW_VERSION).expect("a row"))
+            .collect();
+        assert!(rd.at_end());
+        assert_eq!(back, batch.rows().collect::<Vec<_>>());
+        assert!(back.iter().any(|r| r.event_id.is_some()));
+
+        let skip = [0usize, 2, 7];
+        let got = batch.aggregates_without(&skip);
+        let mut want: HashMap<AggKey, Counts, KeyHasher> = HashMap::default();
+        for (i, r) in batch.rows().enumerate() {
+            if !skip.contains(&i) {
+                want.entry(r.key()).or_default().count(&r);
+            }
+        }
+        assert_eq!(got, want);
+        assert_eq!(batch.aggregates_without(&[]).len(), batch.aggregate_keys());
     }
 }

@@ -155,6 +155,28 @@ pub struct Config {
     pub click_dedup_window: Duration,
     /// Clicks remembered at most.
     pub click_dedup_max: usize,
+    /// The same `event_id` again within this is the same event.
+    pub dedup_window: Duration,
+    /// Event ids remembered in memory at most (the database decides beyond).
+    pub event_id_memory_max: usize,
+    /// Events in one `POST /events` body at most.
+    pub batch_max_events: usize,
+    /// When an event is acknowledged.
+    pub ack_mode: AckMode,
+    /// Durable mode: a journal write waits at most this long for company.
+    pub journal_flush: Duration,
+    /// Durable mode: a journal write starts once this many events wait.
+    pub journal_flush_events: usize,
+}
+
+/// When the service answers 2xx to an event (`ACK_MODE`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum AckMode {
+    /// Once the event is in this process's memory (the Node service's promise).
+    #[default]
+    Fast,
+    /// Once the event is in the fsynced local journal.
+    Durable,
 }
 
 /// The range of one `events` partition.
@@ -753,6 +775,66 @@ pub const SETTINGS: &[Setting] = &[
         "clicks remembered for deduplication at most; when full the older half is forgotten early (so a duplicate may count again, a first click never fails)",
         |c, v| c.click_dedup_max = v as usize,
     ),
+    int(
+        "DEDUP_WINDOW_HOURS",
+        "24",
+        1,
+        8_760,
+        "hours",
+        "an event sent again with the same `event_id` within this is answered as before and stored and counted once (the database's `event_ids` decides; older ids are deleted)",
+        |c, v| c.dedup_window = Duration::from_secs(v * 3600),
+    ),
+    int(
+        "EVENT_ID_MEMORY_MAX",
+        "1000000",
+        32,
+        1_000_000_000,
+        "a count of ids",
+        "event ids each replica remembers, so a repeat costs no database work; beyond this the database still decides",
+        |c, v| c.event_id_memory_max = v as usize,
+    ),
+    int(
+        "BATCH_MAX_EVENTS",
+        "500",
+        1,
+        10_000,
+        "a count of events",
+        "events one `POST /events` body may carry (the body is at most 64 KiB too)",
+        |c, v| c.batch_max_events = v as usize,
+    ),
+    text(
+        "ACK_MODE",
+        Some("fast"),
+        None,
+        "fast or durable",
+        "`fast`: answer once the event is in memory; `durable`: answer once it is in the fsynced journal in `SPOOL_DIR/journal` (a crash loses no acknowledged event)",
+        |c, v| {
+            c.ack_mode = match v.to_ascii_lowercase().as_str() {
+                "fast" => AckMode::Fast,
+                "durable" => AckMode::Durable,
+                _ => return Err(""),
+            };
+            Ok(())
+        },
+    ),
+    int(
+        "JOURNAL_FLUSH_US",
+        "1000",
+        50,
+        100_000,
+        "microseconds",
+        "durable mode: the longest an event waits for others before the journal is written and fsynced (group commit)",
+        |c, v| c.journal_flush = Duration::from_micros(v),
+    ),
+    int(
+        "JOURNAL_FLUSH_EVENTS",
+        "256",
+        1,
+        100_000,
+        "a count of events",
+        "durable mode: the journal is written and fsynced as soon as this many events wait",
+        |c, v| c.journal_flush_events = v as usize,
+    ),
     Setting {
         name: "RUST_LOG",
         default: None,
@@ -815,6 +897,12 @@ impl Config {
             trusted_proxies: String::new(),
             click_dedup_window: Duration::ZERO,
             click_dedup_max: 0,
+            dedup_window: Duration::ZERO,
+            event_id_memory_max: 0,
+            batch_max_events: 0,
+            ack_mode: AckMode::Fast,
+            journal_flush: Duration::ZERO,
+            journal_flush_events: 0,
         }
     }
 

@@ -57,6 +57,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "invalid_traffic",
         sql: include_str!("../migrations/V7__invalid_traffic.sql"),
     },
+    Migration {
+        version: 8,
+        name: "event_ids",
+        sql: include_str!("../migrations/V8__event_ids.sql"),
+    },
 ];
 
 /// Advisory lock key for migrations ("ingest" in ASCII).

@@ -39,6 +39,9 @@ pub struct Event<'a> {
     pub page_url: &'a str,
     /// Event time in unix milliseconds (the client's `timestamp`, or receipt time).
     pub timestamp_ms: i64,
+    /// The client's idempotency key: the same id again within
+    /// `DEDUP_WINDOW_HOURS` is the same event, stored and counted once.
+    pub event_id: Option<Uuid>,
 }
 
 impl<'a> Event<'a> {
@@ -62,6 +65,7 @@ impl<'a> Event<'a> {
             user_agent,
             invalid,
             filtered,
+            event_id: self.event_id,
         }
     }
 }
@@ -75,6 +79,7 @@ pub enum Param {
     CreativeId,
     PageUrl,
     Timestamp,
+    EventId,
 }
 
 impl Param {
@@ -85,6 +90,7 @@ impl Param {
             Param::CreativeId => "creative_id",
             Param::PageUrl => "page_url",
             Param::Timestamp => "timestamp",
+            Param::EventId => "event_id",
         }
     }
 
@@ -95,6 +101,7 @@ impl Param {
             b"creative_id" => Param::CreativeId,
             b"page_url" => Param::PageUrl,
             b"timestamp" => Param::Timestamp,
+            b"event_id" => Param::EventId,
             _ => return None,
         })
     }
@@ -183,6 +190,7 @@ pub fn parse_event<'a>(
     let mut creative: Option<Uuid> = None;
     let mut page_url_raw: Option<&'a [u8]> = None;
     let mut timestamp_raw: Option<&'a [u8]> = None;
+    let mut event_id: Option<Uuid> = None;
 
     for pair in query.split(|&b| b == b'&') {
         if pair.is_empty() {
@@ -207,6 +215,9 @@ pub fn parse_event<'a>(
             Param::CreativeId => set_uuid(&mut creative, param, value)?,
             Param::PageUrl => page_url_raw.replace(value).is_some(),
             Param::Timestamp => timestamp_raw.replace(value).is_some(),
+            // Optional; an empty `event_id=` means "not given", like `timestamp=`.
+            Param::EventId if value.is_empty() => false,
+            Param::EventId => set_uuid(&mut event_id, param, value)?,
         };
         if slot_taken {
             return Err(err(param, Problem::Duplicated));
@@ -248,6 +259,7 @@ pub fn parse_event<'a>(
         creative_id,
         page_url,
         timestamp_ms,
+        event_id,
     })
 }
 

@@ -23,18 +23,16 @@ use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash, Hasher};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::Mutex;
 
 use hyper::header::{HeaderMap, HeaderName};
 
 use crate::batch::{EventKind, InvalidReason};
 use crate::event::Event;
 pub use crate::ipset::IpSet;
+use crate::recent::Recent;
 
 /// Distinct user agents remembered per thread; the cache is emptied when full.
 const UA_CACHE_ENTRIES: usize = 16_384;
-/// Independent locks for the click table.
-const DEDUP_SHARDS: usize = 16;
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -104,41 +102,19 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &IpSet) -> IpAddr {
 /// start and never written anywhere, so the address is not stored, and the
 /// keys are not comparable across processes).
 ///
-/// Two generations of a hash table per shard: entries move to the older one
-/// as the window passes and are dropped a window later, so every click seen
-/// within the window is still there. Memory is capped: at most
-/// `CLICK_DEDUP_MAX` clicks are remembered, half of each shard's share per
-/// generation. When a shard's current generation is full it becomes the older
-/// one early and the older one is dropped (counted in `evictions`): the most
-/// recent half of the cap is always remembered, and a click older than that
-/// may count again. The cap can only let a duplicate through, never refuse a
-/// first click. The tables keep their capacity when they rotate, so once warm
-/// remembering a click does not allocate.
+/// Kept in a [`Recent`] table: at most `CLICK_DEDUP_MAX` clicks, the most
+/// recent half of them always; the cap can only let a duplicate through,
+/// never refuse a first click.
 pub struct ClickDedup {
-    window_ms: i64,
-    per_generation: usize,
     key: std::collections::hash_map::RandomState,
-    shards: Vec<Mutex<Generations>>,
-    pub evictions: AtomicU64,
-}
-
-#[derive(Default)]
-struct Generations {
-    started_ms: i64,
-    current: HashMap<u64, i64, NoHash>,
-    previous: HashMap<u64, i64, NoHash>,
+    recent: Recent<u64, (), NoHash>,
 }
 
 impl ClickDedup {
     pub fn new(window_ms: i64, max_entries: usize) -> Self {
         ClickDedup {
-            window_ms: window_ms.max(1),
-            per_generation: (max_entries / DEDUP_SHARDS / 2).max(1),
             key: std::collections::hash_map::RandomState::new(),
-            shards: (0..DEDUP_SHARDS)
-                .map(|_| Mutex::new(Generations::default()))
-                .collect(),
-            evictions: AtomicU64::new(0),
+            recent: Recent::new(window_ms, max_entries, NoHash),
         }
     }
 
@@ -162,61 +138,24 @@ impl ClickDedup {
     /// Forgets a click remembered at `now_ms` (it was refused after all: a
     /// retry must count).
     pub fn forget(&self, mark: ClickMark) {
-        let shard = &self.shards[(mark.key >> 59) as usize % DEDUP_SHARDS];
-        let mut g = shard.lock().unwrap_or_else(|p| p.into_inner());
-        if g.current.get(&mark.key) == Some(&mark.at_ms) {
-            g.current.remove(&mark.key);
-        }
+        self.recent
+            .forget((mark.key >> 59) as usize, mark.key, mark.at_ms);
     }
 
     fn check(&self, key: u64, now_ms: i64) -> bool {
-        let shard = &self.shards[(key >> 59) as usize % DEDUP_SHARDS];
-        let mut g = shard.lock().unwrap_or_else(|p| p.into_inner());
-        let age = now_ms - g.started_ms;
-        if age >= 2 * self.window_ms {
-            g.previous.clear();
-            g.current.clear();
-            g.started_ms = now_ms;
-        } else if age >= self.window_ms {
-            g.rotate(now_ms);
-        }
-        let first = g
-            .current
-            .get(&key)
-            .or_else(|| g.previous.get(&key))
-            .copied();
-        if first.is_some_and(|t| now_ms - t < self.window_ms) {
-            return true;
-        }
-        if g.current.len() >= self.per_generation {
-            // Full: the current generation becomes the older one now, and
-            // the older one is dropped early.
-            self.evictions.fetch_add(1, Relaxed);
-            g.rotate(now_ms);
-        }
-        g.current.insert(key, now_ms);
-        false
+        self.recent
+            .check((key >> 59) as usize, key, (), now_ms)
+            .is_some()
     }
 
     /// Clicks remembered now.
     pub fn tracked(&self) -> u64 {
-        self.shards
-            .iter()
-            .map(|s| {
-                let g = s.lock().unwrap_or_else(|p| p.into_inner());
-                (g.current.len() + g.previous.len()) as u64
-            })
-            .sum()
+        self.recent.tracked()
     }
-}
 
-impl Generations {
-    /// The current generation becomes the older one; the older one is
-    /// emptied (keeping its memory) and becomes the current one.
-    fn rotate(&mut self, now_ms: i64) {
-        std::mem::swap(&mut self.current, &mut self.previous);
-        self.current.clear();
-        self.started_ms = now_ms;
+    /// Times a full table forgot its older half early.
+    pub fn evictions(&self) -> u64 {
+        self.recent.evictions.load(Relaxed)
     }
 }
 
@@ -393,6 +332,7 @@ mod tests {
             creative_id: Uuid::from_u128(3),
             page_url: "https://e.x/",
             timestamp_ms: 0,
+            event_id: None,
         }
     }
 
@@ -554,7 +494,7 @@ mod tests {
             );
         }
         assert!(d.tracked() <= 16 * 8, "{}", d.tracked());
-        assert!(d.evictions.load(Relaxed) > 0);
+        assert!(d.evictions() > 0);
         // The latest click of each shard is always still remembered.
         let last = Event {
             creative_id: Uuid::from_u128(9_999),

@@ -33,6 +33,8 @@
 //! | [`http`] | request | routing, CORS, the pixel GIF, [`http::Rejection`], `/health`, `/metrics`, probes |
 //! | [`event`] | request | query parsing and validation → [`event::Event`] or a [`event::ParamError`] |
 //! | [`ivt`] | request | invalid traffic: bots, prefetches, excluded addresses, duplicate clicks |
+//! | [`event_ids`] | request | recently accepted `event_id`s: repeats answered without recording |
+//! | [`recent`] | shared | [`recent::Recent`]: keys seen within a window, in bounded memory |
 //! | [`ipset`] | shared | address ranges (CIDRs) |
 //! | [`shard`] | request | per-thread shards and the lock-free swap |
 //! | [`admission`] | request | memory caps: per-shard budgets, load shedding |
@@ -59,11 +61,13 @@ pub mod config;
 pub mod coordinator;
 pub mod db;
 pub mod event;
+pub mod event_ids;
 pub mod http;
 pub mod ipset;
 pub mod ivt;
 pub mod maintenance;
 pub mod pgcopy;
+pub mod recent;
 pub mod server;
 pub mod shard;
 pub mod spool;
@@ -267,6 +271,10 @@ pub async fn serve(
         admin_port: admin.is_some(),
         classifier,
         ivt_filter: config.ivt_filter,
+        event_ids: event_ids::EventIdFilter::new(
+            config.dedup_window.as_millis() as i64,
+            config.event_id_memory_max,
+        ),
     });
 
     // Phase 1: serve until told to stop, then through the grace period

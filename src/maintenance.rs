@@ -52,6 +52,8 @@ pub struct Policy {
     pub events_retention_days: u32,
     pub rejected_retention_days: u32,
     pub ledger_retention_days: u32,
+    /// `event_ids` older than this are deleted (`DEDUP_WINDOW_HOURS`).
+    pub dedup_window_hours: u32,
     pub partman: bool,
 }
 
@@ -65,6 +67,7 @@ impl Policy {
             events_retention_days: c.events_retention_days,
             rejected_retention_days: c.rejected_retention_days,
             ledger_retention_days: c.ledger_retention_days,
+            dedup_window_hours: (c.dedup_window.as_secs() / 3600) as u32,
             partman: c.partman,
         }
     }
@@ -82,6 +85,7 @@ pub struct Round {
     pub rows_moved: u64,
     pub rejected_deleted: u64,
     pub ledger_pruned: u64,
+    pub event_ids_deleted: u64,
 }
 
 /// How `events` is laid out.
@@ -174,7 +178,7 @@ async fn round(conn: &Conn, policy: &Policy, creation_only: bool) -> Result<Roun
                 conn,
                 "DELETE FROM rejected_events WHERE id IN (SELECT id FROM rejected_events \
                  WHERE received_at < (now() AT TIME ZONE 'UTC') - make_interval(days => $1) LIMIT $2)",
-                policy.rejected_retention_days,
+                policy.rejected_retention_days as i32,
             )
             .await?;
         }
@@ -182,9 +186,18 @@ async fn round(conn: &Conn, policy: &Policy, creation_only: bool) -> Result<Roun
             conn,
             "DELETE FROM ingest_batches WHERE id IN (SELECT id FROM ingest_batches \
              WHERE committed_at < (now() AT TIME ZONE 'UTC') - make_interval(days => $1) LIMIT $2)",
-            policy.ledger_retention_days,
+            policy.ledger_retention_days as i32,
         )
         .await?;
+        if policy.dedup_window_hours > 0 {
+            r.event_ids_deleted = delete_chunked(
+                conn,
+                "DELETE FROM event_ids WHERE event_id IN (SELECT event_id FROM event_ids \
+                 WHERE first_seen < now() - make_interval(hours => $1) LIMIT $2)",
+                policy.dedup_window_hours as i32,
+            )
+            .await?;
+        }
     }
     Ok(r)
 }
@@ -438,11 +451,12 @@ async fn configure_partman(conn: &Conn, schema: &str, policy: &Policy) -> Result
     Ok(())
 }
 
-async fn delete_chunked(conn: &Conn, sql: &str, days: u32) -> Result<u64, DbError> {
-    let days = days as i32;
+/// Runs `sql` (with `$1` = `age` in its unit, `$2` = the chunk size) until a
+/// chunk deletes fewer than [`CHUNK`] rows.
+async fn delete_chunked(conn: &Conn, sql: &str, age: i32) -> Result<u64, DbError> {
     let mut total = 0u64;
     loop {
-        let n = conn.execute(sql, &[&days, &CHUNK]).await?;
+        let n = conn.execute(sql, &[&age, &CHUNK]).await?;
         total += n;
         if n < CHUNK as u64 {
             return Ok(total);
@@ -488,6 +502,7 @@ pub fn record(stats: &Stats, round: Result<Round, DbError>) {
             stats.add(Counter::PartitionsDropped, r.partitions_dropped);
             stats.add(Counter::RejectedPruned, r.rejected_deleted);
             stats.add(Counter::LedgerPruned, r.ledger_pruned);
+            stats.add(Counter::EventIdsPruned, r.event_ids_deleted);
             tracing::info!(
                 layout = ?r.layout,
                 partitions_created = r.partitions_created,
@@ -495,6 +510,7 @@ pub fn record(stats: &Stats, round: Result<Round, DbError>) {
                 rows_moved_from_default = r.rows_moved,
                 rejected_deleted = r.rejected_deleted,
                 ledger_pruned = r.ledger_pruned,
+                event_ids_deleted = r.event_ids_deleted,
                 "maintenance round"
             );
         }

@@ -36,6 +36,13 @@ impl CopyEncoder {
         self.buf.put_slice(u.as_bytes());
     }
 
+    pub fn opt_uuid(&mut self, u: Option<&Uuid>) {
+        match u {
+            Some(u) => self.uuid(u),
+            None => self.buf.put_i32(-1),
+        }
+    }
+
     /// A `text`/`varchar` value.
     pub fn text(&mut self, s: &str) {
         // Values come from validated events: at most a few KiB each.

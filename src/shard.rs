@@ -426,6 +426,7 @@ mod tests {
             creative_id: Uuid::from_u128(9),
             page_url: "https://example.com/",
             timestamp_ms: ts,
+            event_id: None,
         }
     }
 

@@ -37,7 +37,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use uuid::Uuid;
 
-use crate::batch::{Batch, Buffer, EventKind, InvalidReason, Row};
+use crate::batch::{codec, Batch, Buffer};
 
 /// A segment is sealed (and becomes replayable) at this size.
 pub const SEGMENT_BYTES: u64 = 16 << 20;
@@ -45,9 +45,9 @@ pub const SEGMENT_BYTES: u64 = 16 << 20;
 pub const DISK_FULL_PAUSE: Duration = Duration::from_secs(1);
 const MAGIC: u32 = 0x5350_4f4c; // "SPOL"
 const HEADER: usize = 12;
-/// Version 2 adds each row's invalid-traffic reason and filter flag; version
-/// 1 records (valid, from before) are still read.
-const FORMAT_VERSION: u8 = 2;
+/// A record's version is its rows' version ([`codec::ROW_VERSION`]: 3 adds
+/// `event_id`, 2 the invalid-traffic reason); older records are still read.
+const FORMAT_VERSION: u8 = codec::ROW_VERSION;
 const QUARANTINE: &str = "quarantine";
 const LOCK_FILE: &str = ".lock";
 
@@ -495,24 +495,7 @@ pub fn encode_record(batch: &Batch) -> Vec<u8> {
     out.extend_from_slice(batch.id.as_bytes());
     out.extend_from_slice(&(batch.len() as u32).to_be_bytes());
     for row in batch.rows() {
-        out.push(row.kind as u8);
-        out.push(row.invalid.map_or(0, |r| r as u8));
-        out.push(u8::from(row.filtered));
-        out.extend_from_slice(row.ad_unit_id.as_bytes());
-        out.extend_from_slice(row.campaign_id.as_bytes());
-        out.extend_from_slice(row.creative_id.as_bytes());
-        out.extend_from_slice(&row.timestamp_ms.to_be_bytes());
-        out.extend_from_slice(&row.received_ms.to_be_bytes());
-        let url = row.page_url.as_bytes();
-        out.extend_from_slice(&(url.len() as u32).to_be_bytes());
-        out.extend_from_slice(url);
-        match row.user_agent {
-            Some(ua) => {
-                out.extend_from_slice(&(ua.len() as u32).to_be_bytes());
-                out.extend_from_slice(ua.as_bytes());
-            }
-            None => out.extend_from_slice(&u32::MAX.to_be_bytes()),
-        }
+        codec::encode_row(&mut out, &row);
     }
     let len = (out.len() - HEADER) as u32;
     let crc = crc32fast::hash(&out[HEADER..]);
@@ -521,43 +504,8 @@ pub fn encode_record(batch: &Batch) -> Vec<u8> {
     out
 }
 
-struct Reader<'a> {
-    data: &'a [u8],
-    off: usize,
-}
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
-        let s = self.data.get(self.off..self.off.checked_add(n)?)?;
-        self.off += n;
-        Some(s)
-    }
-    fn u8(&mut self) -> Option<u8> {
-        self.take(1).map(|b| b[0])
-    }
-    fn u32(&mut self) -> Option<u32> {
-        self.take(4)
-            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
-    }
-    fn i64(&mut self) -> Option<i64> {
-        let b = self.take(8)?;
-        Some(i64::from_be_bytes([
-            b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7],
-        ]))
-    }
-    fn uuid(&mut self) -> Option<Uuid> {
-        Uuid::from_slice(self.take(16)?).ok()
-    }
-    fn str(&mut self, len: usize) -> Option<&'a str> {
-        std::str::from_utf8(self.take(len)?).ok()
-    }
-}
-
 fn decode(payload: &[u8]) -> Option<Batch> {
-    let mut r = Reader {
-        data: payload,
-        off: 0,
-    };
+    let mut r = codec::Reader::new(payload);
     let version = r.u8()?;
     if !(1..=FORMAT_VERSION).contains(&version) {
         return None;
@@ -566,38 +514,10 @@ fn decode(payload: &[u8]) -> Option<Batch> {
     let n = r.u32()? as usize;
     let mut data = Buffer::new();
     for _ in 0..n {
-        let kind = EventKind::from_u8(r.u8()?)?;
-        let (invalid, filtered) = if version >= 2 {
-            (InvalidReason::from_u8(r.u8()?)?, r.u8()? == 1)
-        } else {
-            (None, true)
-        };
-        let ad_unit_id = r.uuid()?;
-        let campaign_id = r.uuid()?;
-        let creative_id = r.uuid()?;
-        let timestamp_ms = r.i64()?;
-        let received_ms = r.i64()?;
-        let url_len = r.u32()? as usize;
-        let page_url = r.str(url_len)?;
-        let user_agent = match r.u32()? {
-            u32::MAX => None,
-            len => Some(r.str(len as usize)?),
-        };
-        data.push(&Row {
-            kind,
-            ad_unit_id,
-            campaign_id,
-            creative_id,
-            timestamp_ms,
-            received_ms,
-            page_url,
-            user_agent,
-            invalid,
-            filtered,
-        })
-        .ok()?;
+        let row = codec::decode_row(&mut r, version)?;
+        data.push(&row).ok()?;
     }
-    if r.off != payload.len() {
+    if !r.at_end() {
         return None;
     }
     Some(Batch::restore(id, vec![data]))
@@ -654,6 +574,7 @@ pub fn remove_quarantined(path: &Path) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::batch::{EventKind, InvalidReason, Row};
 
     fn batch(n: usize, tag: &str) -> Batch {
         let mut d = Buffer::new();
@@ -674,6 +595,7 @@ mod tests {
                 user_agent: (i % 2 == 0).then_some("ua/1"),
                 invalid: InvalidReason::from_u8((i % 6) as u8).flatten(),
                 filtered: i % 5 != 0,
+                event_id: (i % 4 == 1).then(|| Uuid::from_u128(77 + i as u128)),
             })
             .expect("room");
         }

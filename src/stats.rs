@@ -267,6 +267,14 @@ counters! {
     LedgerPruned => "maintenance.ledger_pruned", "ingest_ledger_pruned";
     /// Spooled batches older than the ledger's retention, quarantined instead of replayed
     TooOldToReplay => "spool.too_old_to_replay", "ingest_spool_too_old_to_replay";
+    /// Events sent again with an event_id this replica had accepted within the window: answered, not stored again
+    RepeatedEventIdsMemory => "event_ids.repeated_in_memory", "ingest_event_id_repeats", "found" = "memory";
+    /// Events left out at write time because event_ids already held their id (another replica, a restart, a replay)
+    RepeatedEventIdsDb => "event_ids.repeated_in_database", "ingest_event_id_repeats", "found" = "database";
+    /// Repeated event_ids whose payload differed from the first event's (the first is kept)
+    ConflictingEventIds => "event_ids.conflicting", "ingest_conflicting_event_ids";
+    /// event_ids entries older than DEDUP_WINDOW_HOURS deleted
+    EventIdsPruned => "maintenance.event_ids_deleted", "ingest_event_ids_deleted";
     /// Snapshots rendered for /health and /metrics (at most one per VIEW_CACHE_MS)
     ViewRenders => "views.renders", "ingest_view_renders";
 }
@@ -330,6 +338,8 @@ pub struct Snapshot {
     /// (filled in by the request side, which owns the table).
     pub clicks_tracked: u64,
     pub click_evictions: u64,
+    /// Event ids remembered by this replica's filter (filled in by the request side).
+    pub event_ids_tracked: u64,
     pub write: WriteHistograms,
     pub in_writer: u64,
     pub in_writer_bytes: u64,
@@ -466,6 +476,7 @@ impl Stats {
             rejected,
             invalid,
             clicks_tracked: 0,
+            event_ids_tracked: 0,
             click_evictions: 0,
             write: self.write.lock().unwrap_or_else(|p| p.into_inner()).clone(),
             in_writer: self.in_writer.load(Relaxed),

@@ -1,6 +1,7 @@
-//! Citus-ready: every table the service writes can be distributed on
-//! `account_id` (every primary and unique key contains it) or is declared a
-//! reference table, as `deploy/citus/setup.sql` does. Checked against the
+//! Citus-ready: every table the service writes can be distributed (every
+//! primary and unique key contains the distribution column: `account_id`,
+//! or `event_id` for the idempotency table) or is declared a reference
+//! table, as `deploy/citus/setup.sql` does. Checked against the
 //! schema the migrations build; Citus itself is not installed here.
 
 mod common;
@@ -35,12 +36,24 @@ async fn every_table_is_distributable_on_account_id_or_a_reference_table() {
     let (distributed, reference, sql) = declared();
     assert_eq!(
         distributed,
-        BTreeSet::from(["events".to_string(), "metrics_hourly".to_string()])
+        BTreeSet::from([
+            "event_ids".to_string(),
+            "events".to_string(),
+            "metrics_hourly".to_string()
+        ])
     );
+    let column = |t: &str| {
+        if t == "event_ids" {
+            "event_id"
+        } else {
+            "account_id"
+        }
+    };
     for table in &distributed {
+        let col = column(table);
         assert!(
-            sql.contains(&format!("create_distributed_table('{table}', 'account_id'")),
-            "{table} is distributed on account_id"
+            sql.contains(&format!("create_distributed_table('{table}', '{col}'")),
+            "{table} is distributed on {col}"
         );
     }
     assert!(
@@ -50,6 +63,7 @@ async fn every_table_is_distributable_on_account_id_or_a_reference_table() {
     // Every table the service writes or reads is declared one way or the other.
     let written = [
         "events",
+        "event_ids",
         "metrics_hourly",
         "rejected_events",
         "ingest_batches",
@@ -61,34 +75,35 @@ async fn every_table_is_distributable_on_account_id_or_a_reference_table() {
             "{t} is neither distributed nor a reference table in setup.sql"
         );
     }
-    // The rule Citus enforces: account_id in every unique key of a distributed table.
+    // The rule Citus enforces: the distribution column in every unique key of a distributed table.
     for t in &distributed {
+        let col = column(t);
         let keys = db
             .query(
                 "SELECT i.indexrelid::regclass::text, \
-                        bool_or(a.attname = 'account_id') \
+                        bool_or(a.attname = $2) \
                    FROM pg_index i \
                    JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) \
                   WHERE i.indrelid = $1::text::regclass AND i.indisunique \
                   GROUP BY 1",
-                &[&t],
+                &[&t, &col],
             )
             .await
             .expect("unique keys");
         assert!(!keys.is_empty(), "{t} has a primary key");
         for k in keys {
             let (name, has): (String, bool) = (k.get(0), k.get(1));
-            assert!(has, "unique key {name} of {t} lacks account_id");
+            assert!(has, "unique key {name} of {t} lacks {col}");
         }
         let not_null: bool = db
             .query_one(
-                "SELECT attnotnull FROM pg_attribute WHERE attrelid = $1::text::regclass AND attname = 'account_id'",
-                &[&t],
+                "SELECT attnotnull FROM pg_attribute WHERE attrelid = $1::text::regclass AND attname = $2",
+                &[&t, &col],
             )
             .await
-            .expect("account_id")
+            .expect("distribution column")
             .get(0);
-        assert!(not_null, "{t}.account_id is NOT NULL");
+        assert!(not_null, "{t}.{col} is NOT NULL");
     }
     // events is partitioned (time), as Citus supports for distributed tables.
     let kind: String = db

@@ -107,6 +107,18 @@ async fn each_invalid_parameter_gets_a_400_naming_it_and_stores_nothing() {
             "timestamp is too far in the past",
         ),
         (
+            format!("{ok}&page_url=x&event_id=order-17"),
+            "invalid_parameter",
+            "event_id",
+            "not a UUID",
+        ),
+        (
+            format!("{ok}&page_url=x&event_id={c}&event_id={c}"),
+            "duplicate_parameter",
+            "event_id",
+            "parameter given more than once",
+        ),
+        (
             format!("{ok}&page_url=x&campaign_id={c}"),
             "duplicate_parameter",
             "campaign_id",

@@ -97,6 +97,7 @@ pub fn document(s: &Snapshot) -> Value {
     for c in Counter::ALL {
         put(&mut doc, c.info().health, s.counter(*c).into());
     }
+    put(&mut doc, "event_ids.remembered", s.event_ids_tracked.into());
     Value::Object(doc)
 }
 

@@ -209,6 +209,12 @@ impl Collector for SnapshotCollector {
             "Clicks remembered for duplicate detection",
             s.clicks_tracked as i64,
         )?;
+        gauge(
+            &mut enc,
+            "ingest_event_ids_remembered",
+            "Event ids this replica remembers, so a repeat is answered without recording it",
+            s.event_ids_tracked as i64,
+        )?;
         counter(
             &mut enc,
             "ingest_click_dedup_evictions",

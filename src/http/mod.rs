@@ -38,6 +38,7 @@ use hyper::{Method, Request, Response};
 use crate::batch::InvalidReason;
 use crate::config::AllowedOrigins;
 use crate::event::{self, EventKind, Limits};
+use crate::event_ids::{EventIdFilter, Sighting};
 use crate::ivt::Classifier;
 use crate::shard::{ShardFull, ShardSet};
 use crate::stats::{Counter, RateLimitedLog, Route, Snapshot, Stats, WriteSideStatus};
@@ -77,6 +78,8 @@ pub struct AppState {
     pub classifier: Classifier,
     /// `IVT_FILTER`: invalid events count in the invalid columns.
     pub ivt_filter: bool,
+    /// Recently accepted `event_id`s.
+    pub event_ids: EventIdFilter,
 }
 
 /// Which listener a request came in on.
@@ -97,7 +100,8 @@ impl AppState {
             self.shutting_down.load(Relaxed),
         );
         s.clicks_tracked = self.classifier.dedup.tracked();
-        s.click_evictions = self.classifier.dedup.evictions.load(Relaxed);
+        s.event_ids_tracked = self.event_ids.tracked();
+        s.click_evictions = self.classifier.dedup.evictions();
         s
     }
 }
@@ -310,6 +314,55 @@ async fn respond(
     (response, refused, None)
 }
 
+/// What became of one valid event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Accepted {
+    /// In this thread's shard, valid or with its invalid-traffic reason.
+    Recorded(Option<InvalidReason>),
+    /// Its `event_id` was accepted before: answered, not recorded again.
+    Repeat,
+}
+
+/// Classifies and records one parsed event (the single endpoints and each
+/// event of a batch): a repeat `event_id` is answered without recording; a
+/// click or id remembered for an event the shard then refused is forgotten,
+/// so that the event counts when it is sent again.
+fn accept(
+    state: &AppState,
+    ev: &event::Event<'_>,
+    ua: Option<&str>,
+    headers: &hyper::HeaderMap,
+    peer: IpAddr,
+    received: i64,
+) -> Result<Accepted, ShardFull> {
+    let id_mark = match state.event_ids.sight(ev, received) {
+        Sighting::Repeat { conflicting } => {
+            state.stats.add(Counter::RepeatedEventIdsMemory, 1);
+            if conflicting {
+                state.stats.add(Counter::ConflictingEventIds, 1);
+            }
+            return Ok(Accepted::Repeat);
+        }
+        Sighting::First(mark) => mark,
+    };
+    let (invalid, click) = state.classifier.judge(ev, ua, headers, peer, received);
+    match state
+        .shards
+        .record(&ev.stored(received, ua, invalid, state.ivt_filter))
+    {
+        Ok(()) => Ok(Accepted::Recorded(invalid)),
+        Err(refused) => {
+            if let Some(mark) = click {
+                state.classifier.dedup.forget(mark);
+            }
+            if let Some(mark) = id_mark {
+                state.event_ids.forget(mark);
+            }
+            Err(refused)
+        }
+    }
+}
+
 /// Validates, classifies and records one event; the response and the
 /// event's invalid-traffic reason.
 fn record(
@@ -328,22 +381,14 @@ fn record(
     SCRATCH.with(|scratch| {
         let mut scratch = scratch.borrow_mut();
         let ev = event::parse_event(kind, query, received, &state.limits, &mut scratch)?;
-        let ua = ua.as_deref();
-        let (invalid, click) = state
-            .classifier
-            .judge(&ev, ua, &parts.headers, peer, received);
-        let recorded = state
-            .shards
-            .record(&ev.stored(received, ua, invalid, state.ivt_filter));
-        if recorded.is_err() {
-            // A refused click must count when it is sent again.
-            if let Some(mark) = click {
-                state.classifier.dedup.forget(mark);
-            }
-        }
+        let recorded = accept(state, &ev, ua.as_deref(), &parts.headers, peer, received);
+        let invalid = match recorded {
+            Ok(Accepted::Recorded(invalid)) => invalid,
+            _ => None,
+        };
         match recorded {
-            Ok(()) if is_get => Ok((response::pixel(true), invalid)),
-            Ok(()) => Ok((response::accepted(), invalid)),
+            Ok(_) if is_get => Ok((response::pixel(true), invalid)),
+            Ok(_) => Ok((response::accepted(), invalid)),
             // Not stored, so never acknowledged: not even with a pixel.
             Err(ShardFull::Closed) => Err(Rejection::ShuttingDown),
             Err(refused) if is_get => {

@@ -20,7 +20,7 @@ pub mod replay;
 pub mod retry;
 pub mod sink;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -39,10 +39,18 @@ pub use sink::{ErrorClass, Sink, WriteError, WriteSummary};
 
 const COPY_EVENTS: &str =
     "COPY events (event_type, ad_unit_id, campaign_id, creative_id, account_id, \
-     page_url, user_agent, timestamp, invalid_reason) FROM STDIN (FORMAT binary)";
+     page_url, user_agent, timestamp, invalid_reason, event_id) FROM STDIN (FORMAT binary)";
 const COPY_REJECTED: &str =
     "COPY rejected_events (reason, event_type, ad_unit_id, campaign_id, creative_id, \
-     page_url, user_agent, timestamp, received_at, batch_id, invalid_reason) FROM STDIN (FORMAT binary)";
+     page_url, user_agent, timestamp, received_at, batch_id, invalid_reason, event_id) \
+     FROM STDIN (FORMAT binary)";
+/// Claims a batch's event ids (distinct, sorted: replicas claiming the same
+/// ids lock them in the same order). The ids returned are new; the others
+/// were claimed before, and their rows are left out.
+const CLAIM_EVENT_IDS: &str = "INSERT INTO event_ids (event_id, digest) \
+     SELECT i, d FROM unnest($1::uuid[], $2::int8[]) AS t(i, d) ORDER BY i \
+     ON CONFLICT (event_id) DO NOTHING RETURNING event_id";
+const CLAIMED_DIGESTS: &str = "SELECT event_id, digest FROM event_ids WHERE event_id = ANY($1)";
 const UPSERT_AGGREGATES: &str = "INSERT INTO metrics_hourly AS m \
        (account_id, ad_unit_id, campaign_id, hour_timestamp, impressions, clicks, \
         invalid_impressions, invalid_clicks) \
@@ -238,12 +246,14 @@ async fn write_on(
             return Ok(seen_before(seen));
         }
     }
-    let (written, unknown) = copy_events(&tx, batch, accounts).await?;
-    upsert_aggregates(&tx, batch, accounts).await?;
+    let repeats = claim_event_ids(&tx, batch).await?;
+    let (written, unknown) = copy_events(&tx, batch, &repeats.rows, accounts).await?;
+    upsert_aggregates(&tx, batch, &repeats.rows, accounts).await?;
     if unknown > 0 {
         copy_rejected(
             &tx,
             batch,
+            &repeats.rows,
             |c| !accounts.contains_key(c),
             "unknown_campaign",
         )
@@ -253,6 +263,8 @@ async fn write_on(
     Ok(WriteSummary {
         written,
         unknown_campaign: unknown,
+        repeated_event_ids: repeats.rows.len() as u64,
+        conflicting_event_ids: repeats.conflicting,
         ..WriteSummary::default()
     })
 }
@@ -270,7 +282,7 @@ async fn dead_letter_on(
             return Ok(seen_before(seen));
         }
     }
-    let n = copy_rejected(&tx, batch, |_| true, reason).await?;
+    let n = copy_rejected(&tx, batch, &[], |_| true, reason).await?;
     tx.commit().await?;
     Ok(WriteSummary {
         dead_lettered: n,
@@ -315,9 +327,108 @@ pub fn unix_ms_now() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
+/// Rows of a batch whose `event_id` was claimed before.
+#[derive(Debug, Default)]
+struct Repeats {
+    /// Their positions in `Batch::rows` order, sorted.
+    rows: Vec<usize>,
+    /// How many of them carry a payload other than the first one's.
+    conflicting: u64,
+}
+
+/// A stable 64-bit hash of what the client sent (FNV-1a over kind, ad unit,
+/// campaign, creative and page URL): the same in every replica and version,
+/// so a repeat can be compared with a first sighting stored long ago.
+/// Server-side fields (receipt time, a timestamp the server filled in, the
+/// User-Agent) are left out: a retry differs in those.
+pub fn payload_digest(row: &Row<'_>) -> i64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |bytes: &[u8]| {
+        for &b in bytes {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    };
+    eat(&[row.kind as u8]);
+    eat(row.ad_unit_id.as_bytes());
+    eat(row.campaign_id.as_bytes());
+    eat(row.creative_id.as_bytes());
+    eat(row.page_url.as_bytes());
+    h as i64
+}
+
+/// Claims the batch's event ids in `event_ids`, in the batch's transaction:
+/// the rows whose id was claimed before (by any replica, an earlier run, a
+/// replay, or an earlier row of this batch) are the repeats to leave out.
+async fn claim_event_ids(
+    tx: &Transaction<'_>,
+    batch: &Batch,
+) -> Result<Repeats, tokio_postgres::Error> {
+    // (id, position, digest), sorted: the first row of each id comes first.
+    let mut with_id: Vec<(Uuid, usize, i64)> = batch
+        .rows()
+        .enumerate()
+        .filter_map(|(i, r)| Some((r.event_id?, i, payload_digest(&r))))
+        .collect();
+    if with_id.is_empty() {
+        return Ok(Repeats::default());
+    }
+    with_id.sort_unstable();
+    let mut ids: Vec<Uuid> = Vec::with_capacity(with_id.len());
+    let mut digests: Vec<i64> = Vec::with_capacity(with_id.len());
+    for (id, _, digest) in &with_id {
+        if ids.last() != Some(id) {
+            ids.push(*id);
+            digests.push(*digest);
+        }
+    }
+    let stmt = tx.prepare_cached(CLAIM_EVENT_IDS).await?;
+    let new: HashSet<Uuid> = tx
+        .query(&stmt, &[&ids, &digests])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    // The first sightings' digests of the ids claimed before this batch.
+    let mut before: HashMap<Uuid, i64> = HashMap::new();
+    if new.len() < ids.len() {
+        let old: Vec<Uuid> = ids.iter().filter(|i| !new.contains(i)).copied().collect();
+        let stmt = tx.prepare_cached(CLAIMED_DIGESTS).await?;
+        for r in tx.query(&stmt, &[&old]).await? {
+            before.insert(r.get(0), r.get(1));
+        }
+    }
+    // An id claimed now is claimed by its first row in the batch; every other
+    // row with a claimed id is a repeat, compared with the first sighting.
+    let mut repeats = Repeats::default();
+    let mut first: Option<(Uuid, i64)> = None;
+    for (id, pos, digest) in &with_id {
+        let original = match first {
+            Some((f, d)) if f == *id => d,
+            _ => {
+                first = Some((*id, *digest));
+                if new.contains(id) {
+                    continue;
+                }
+                // Claimed before: compare with the stored digest (if the row
+                // was pruned meanwhile, with itself: no conflict).
+                before.get(id).copied().unwrap_or(*digest)
+            }
+        };
+        let original = before.get(id).copied().unwrap_or(original);
+        repeats.rows.push(*pos);
+        if original != *digest {
+            repeats.conflicting += 1;
+        }
+    }
+    repeats.rows.sort_unstable();
+    Ok(repeats)
+}
+
 async fn copy_events(
     tx: &Transaction<'_>,
     batch: &Batch,
+    skip: &[usize],
     accounts: &HashMap<Uuid, Uuid>,
 ) -> Result<(u64, u64), tokio_postgres::Error> {
     let stmt = tx.prepare_cached(COPY_EVENTS).await?;
@@ -325,7 +436,7 @@ async fn copy_events(
     futures_util::pin_mut!(sink);
     let mut enc = CopyEncoder::new(COPY_CHUNK_BYTES + 8192);
     let (mut written, mut unknown) = (0u64, 0u64);
-    for row in batch.rows() {
+    for row in kept_rows(batch, skip) {
         let Some(account) = accounts.get(&row.campaign_id) else {
             unknown += 1;
             continue;
@@ -343,7 +454,7 @@ async fn copy_events(
 
 /// Encodes one `events` row (the column order of `COPY_EVENTS`).
 pub fn encode_event(enc: &mut CopyEncoder, row: &Row<'_>, account: &Uuid) {
-    enc.row(9);
+    enc.row(10);
     enc.text(row.kind.as_str());
     enc.uuid(&row.ad_unit_id);
     enc.uuid(&row.campaign_id);
@@ -353,11 +464,23 @@ pub fn encode_event(enc: &mut CopyEncoder, row: &Row<'_>, account: &Uuid) {
     enc.opt_text(row.user_agent);
     enc.timestamp_ms(row.timestamp_ms);
     enc.opt_text(row.invalid.map(|r| r.as_str()));
+    enc.opt_uuid(row.event_id.as_ref());
+}
+
+/// The rows of `batch` whose positions are not in `skip` (sorted).
+fn kept_rows<'b>(batch: &'b Batch, skip: &'b [usize]) -> impl Iterator<Item = Row<'b>> + 'b {
+    let mut skip = skip.iter().copied().peekable();
+    batch
+        .rows()
+        .enumerate()
+        .filter(move |(i, _)| skip.next_if_eq(i).is_none())
+        .map(|(_, r)| r)
 }
 
 async fn copy_rejected(
     tx: &Transaction<'_>,
     batch: &Batch,
+    skip: &[usize],
     include: impl Fn(&Uuid) -> bool,
     reason: &str,
 ) -> Result<u64, tokio_postgres::Error> {
@@ -366,8 +489,8 @@ async fn copy_rejected(
     futures_util::pin_mut!(sink);
     let mut enc = CopyEncoder::new(64 * 1024);
     let mut n = 0u64;
-    for row in batch.rows().filter(|r| include(&r.campaign_id)) {
-        enc.row(11);
+    for row in kept_rows(batch, skip).filter(|r| include(&r.campaign_id)) {
+        enc.row(12);
         enc.text(reason);
         enc.text(row.kind.as_str());
         enc.uuid(&row.ad_unit_id);
@@ -379,6 +502,7 @@ async fn copy_rejected(
         enc.timestamp_ms(row.received_ms);
         enc.uuid(&batch.id);
         enc.opt_text(row.invalid.map(|r| r.as_str()));
+        enc.opt_uuid(row.event_id.as_ref());
         n += 1;
         if enc.len() >= COPY_CHUNK_BYTES {
             sink.send(enc.take()).await?;
@@ -392,11 +516,19 @@ async fn copy_rejected(
 async fn upsert_aggregates(
     tx: &Transaction<'_>,
     batch: &Batch,
+    skip: &[usize],
     accounts: &HashMap<Uuid, Uuid>,
 ) -> Result<(), tokio_postgres::Error> {
+    // Repeats are rare: only then are the counters recomputed without them.
+    let without;
+    let aggregates: Box<dyn Iterator<Item = (&AggKey, &Counts)>> = if skip.is_empty() {
+        Box::new(batch.aggregates())
+    } else {
+        without = batch.aggregates_without(skip);
+        Box::new(without.iter())
+    };
     // (account, ad unit, campaign, hour) sorted: the same lock order in every writer.
-    let mut keys: Vec<(Uuid, &AggKey, &Counts)> = batch
-        .aggregates()
+    let mut keys: Vec<(Uuid, &AggKey, &Counts)> = aggregates
         .filter_map(|(k, c)| Some((*accounts.get(&k.campaign_id)?, k, c)))
         .collect();
     if keys.is_empty() {

@@ -350,6 +350,8 @@ impl<S: Sink, F: Fallback, Q: Quarantine> Delivery<S, F, Q> {
         st.add(Counter::Written, s.written);
         st.add(Counter::UnknownCampaign, s.unknown_campaign);
         st.add(Counter::DeadLettered, s.dead_lettered);
+        st.add(Counter::RepeatedEventIdsDb, s.repeated_event_ids);
+        st.add(Counter::ConflictingEventIds, s.conflicting_event_ids);
         if s.duplicate {
             st.add(Counter::DuplicateBatches, 1);
         } else {
@@ -375,6 +377,7 @@ impl<S: Sink, F: Fallback, Q: Quarantine> Delivery<S, F, Q> {
             events = s.written,
             unknown_campaign = s.unknown_campaign,
             dead_lettered = s.dead_lettered,
+            repeated_event_ids = s.repeated_event_ids,
             duplicate = s.duplicate,
             replayed = self.replay,
             aggregates = batch.aggregate_keys(),
@@ -557,6 +560,7 @@ mod tests {
                 user_agent: None,
                 invalid: None,
                 filtered: true,
+                event_id: None,
             })
             .expect("room");
         }

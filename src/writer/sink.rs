@@ -17,6 +17,11 @@ pub struct WriteSummary {
     pub written: u64,
     pub unknown_campaign: u64,
     pub dead_lettered: u64,
+    /// Events left out because `event_ids` already held their id (sent
+    /// before, to this replica or another, or earlier in this batch).
+    pub repeated_event_ids: u64,
+    /// Of those, the ones whose payload differs from the first one's.
+    pub conflicting_event_ids: u64,
     /// The ledger already had this batch: it committed before; nothing changed.
     pub duplicate: bool,
     /// The ledger says this batch was split before: deliver its halves.
