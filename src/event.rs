@@ -80,6 +80,8 @@ pub enum Param {
     PageUrl,
     Timestamp,
     EventId,
+    /// `type` in a batch: `impression` or `click` (the path says it on the single endpoints).
+    Type,
 }
 
 impl Param {
@@ -91,6 +93,7 @@ impl Param {
             Param::PageUrl => "page_url",
             Param::Timestamp => "timestamp",
             Param::EventId => "event_id",
+            Param::Type => "type",
         }
     }
 
@@ -121,6 +124,8 @@ pub enum Problem {
     NotInteger,
     TooFarInFuture,
     TooOld,
+    NotAKind,
+    NotJsonText,
 }
 
 /// A client error: which parameter, and what is wrong with it.
@@ -155,6 +160,8 @@ impl Problem {
             Problem::NotInteger => "not an integer number of unix milliseconds",
             Problem::TooFarInFuture => "timestamp is too far in the future",
             Problem::TooOld => "timestamp is too far in the past",
+            Problem::NotAKind => "must be impression or click",
+            Problem::NotJsonText => "must be a JSON string (or a number, for timestamp)",
         }
     }
 }
@@ -218,6 +225,8 @@ pub fn parse_event<'a>(
             // Optional; an empty `event_id=` means "not given", like `timestamp=`.
             Param::EventId if value.is_empty() => false,
             Param::EventId => set_uuid(&mut event_id, param, value)?,
+            // Never from `from_key`: only a batch line names its kind.
+            Param::Type => false,
         };
         if slot_taken {
             return Err(err(param, Problem::Duplicated));

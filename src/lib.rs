@@ -271,6 +271,7 @@ pub async fn serve(
         admin_port: admin.is_some(),
         classifier,
         ivt_filter: config.ivt_filter,
+        batch_max_events: config.batch_max_events,
         event_ids: event_ids::EventIdFilter::new(
             config.dedup_window.as_millis() as i64,
             config.event_id_memory_max,

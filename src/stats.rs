@@ -31,6 +31,7 @@ pub enum Route {
     PostClick,
     GetImpression,
     GetClick,
+    PostBatch,
     HeadEvent,
     OptionsEvent,
     Health,
@@ -40,11 +41,12 @@ pub enum Route {
 }
 
 impl Route {
-    pub const ALL: [Route; 10] = [
+    pub const ALL: [Route; 11] = [
         Route::PostImpression,
         Route::PostClick,
         Route::GetImpression,
         Route::GetClick,
+        Route::PostBatch,
         Route::HeadEvent,
         Route::OptionsEvent,
         Route::Health,
@@ -60,6 +62,7 @@ impl Route {
             Route::PostClick => "POST /event/click",
             Route::GetImpression => "GET /event/impression",
             Route::GetClick => "GET /event/click",
+            Route::PostBatch => "POST /events",
             Route::HeadEvent => "HEAD /event/*",
             Route::OptionsEvent => "OPTIONS /event/*",
             Route::Health => "GET /health",
@@ -76,6 +79,7 @@ impl Route {
             Route::PostClick => "post_click",
             Route::GetImpression => "get_impression",
             Route::GetClick => "get_click",
+            Route::PostBatch => "post_events",
             Route::HeadEvent => "head_event",
             Route::OptionsEvent => "options_event",
             Route::Health => "health",
@@ -509,8 +513,8 @@ impl Stats {
         route: Route,
         status: u16,
         started: Instant,
-        rejected: Option<&'static str>,
-        invalid: Option<InvalidReason>,
+        rejected: &[&'static str],
+        invalid: &[InvalidReason],
     ) {
         let now = Instant::now();
         let nanos = u64::try_from(now.saturating_duration_since(started).as_nanos())
@@ -527,10 +531,10 @@ impl Stats {
                 Some(s) => t.responses[i][s] += 1,
                 None => *t.other_responses.entry((route, status)).or_insert(0) += 1,
             }
-            if let Some(reason) = rejected {
+            for reason in rejected {
                 *t.rejected.entry(reason).or_insert(0) += 1;
             }
-            if let Some(reason) = invalid {
+            for reason in invalid {
                 t.invalid[reason.index()] += 1;
             }
         };

@@ -143,6 +143,14 @@ async fn a_real_browser_fires_pixel_beacon_and_fetch_and_cors_is_enforced() {
     assert_eq!(allowed["img"], "loaded:1x1", "{allowed}");
     assert_eq!(allowed["beacon"], "queued", "{allowed}");
     assert_eq!(
+        allowed["exit"], "queued",
+        "the frame's pagehide batch: {allowed}"
+    );
+    assert_eq!(
+        denied["exit"], "queued",
+        "a text/plain batch needs no preflight: {denied}"
+    );
+    assert_eq!(
         allowed["fetch"], "ok:204",
         "allowed origin may read the response: {allowed}"
     );
@@ -157,7 +165,7 @@ async fn a_real_browser_fires_pixel_beacon_and_fetch_and_cors_is_enforced() {
     );
 
     // What landed.
-    let rows = app.wait_rows("events", 5, Duration::from_secs(10)).await;
+    let rows = app.wait_rows("events", 9, Duration::from_secs(10)).await;
     let (report, db) = app.shutdown().await;
     assert_eq!(report.unwritten, 0);
     let got: Vec<(String, String, String)> = db
@@ -178,14 +186,27 @@ async fn a_real_browser_fires_pixel_beacon_and_fetch_and_cors_is_enforced() {
         urls,
         vec![
             ("https://demo.example/allowed/beacon", "click"),
+            ("https://demo.example/allowed/exit0", "impression"),
+            ("https://demo.example/allowed/exit1", "click"),
             ("https://demo.example/allowed/fetch", "click"),
             ("https://demo.example/allowed/img", "impression"),
             ("https://demo.example/denied/beacon", "click"),
+            ("https://demo.example/denied/exit0", "impression"),
+            ("https://demo.example/denied/exit1", "click"),
             ("https://demo.example/denied/img", "impression"),
         ],
         "the disallowed fetch never reached the service (its preflight was refused)"
     );
-    assert_eq!(rows, 5);
+    assert_eq!(rows, 9);
+    let exit_ids: i64 = db
+        .query_one(
+            "SELECT count(DISTINCT event_id) FROM events WHERE page_url LIKE '%/exit_'",
+            &[],
+        )
+        .await
+        .expect("ids")
+        .get(0);
+    assert_eq!(exit_ids, 4, "each batch line kept its event_id");
     assert!(
         got.iter().all(|(_, _, ua)| ua.contains("Chrome")),
         "the browser's User-Agent is stored: {got:?}"

@@ -3,6 +3,7 @@
 //! | path | methods | does |
 //! |---|---|---|
 //! | `/event/impression`, `/event/click` | POST | record, `204` |
+//! | `/events` | POST | record a batch ([`batch`]), `200` with per-event results |
 //! | | GET | record, `200` 1×1 GIF |
 //! | | HEAD | `200` GIF headers, records nothing (prefetchers) |
 //! | | OPTIONS | CORS preflight |
@@ -16,6 +17,7 @@
 //! know about it comes through [`WriteSideStatus`]. Every refusal is a
 //! [`Rejection`].
 
+pub mod batch;
 mod cors;
 mod health;
 mod metrics;
@@ -42,6 +44,7 @@ use crate::event_ids::{EventIdFilter, Sighting};
 use crate::ivt::Classifier;
 use crate::shard::{ShardFull, ShardSet};
 use crate::stats::{Counter, RateLimitedLog, Route, Snapshot, Stats, WriteSideStatus};
+pub use batch::MAX_BATCH_BODY_BYTES;
 pub use rejection::Rejection;
 use response::Body;
 pub use views::ViewCache;
@@ -80,6 +83,8 @@ pub struct AppState {
     pub ivt_filter: bool,
     /// Recently accepted `event_id`s.
     pub event_ids: EventIdFilter,
+    /// `BATCH_MAX_EVENTS`.
+    pub batch_max_events: usize,
 }
 
 /// Which listener a request came in on.
@@ -123,6 +128,8 @@ enum Target {
     Record(EventKind, Route),
     /// HEAD on an event endpoint: validated, not recorded.
     Validate(EventKind),
+    /// `POST /events`.
+    Batch,
     Preflight,
     /// `/health`, `/metrics`, `/livez`, `/readyz` with GET (true) or HEAD (false).
     View(&'static str, bool),
@@ -141,6 +148,16 @@ impl Target {
             return (Route::Other, Target::Refused(Rejection::NotFound));
         }
         let kind = match path {
+            "/events" => {
+                return match *method {
+                    Method::POST => (Route::PostBatch, Target::Batch),
+                    Method::OPTIONS => (Route::OptionsEvent, Target::Preflight),
+                    _ => (
+                        Route::Other,
+                        Target::Refused(Rejection::MethodNotAllowed("POST, OPTIONS")),
+                    ),
+                };
+            }
             "/event/impression" => EventKind::Impression,
             "/event/click" => EventKind::Click,
             "/health" | "/metrics" | "/livez" | "/readyz" => {
@@ -201,25 +218,46 @@ pub async fn handle(
 ) -> Result<Response<Body>, Infallible> {
     let started = Instant::now();
     let (route, target) = Target::of(req.method(), req.uri().path(), on, state.admin_port);
-    let (response, refused, invalid) = respond(&state, target, peer, req).await;
-    if let Some(r) = refused {
-        if matches!(target, Target::Record(..)) {
-            let counter = match r {
-                Rejection::Overloaded => Counter::Shed,
-                Rejection::ShuttingDown => Counter::RefusedShuttingDown,
-                _ => Counter::RejectedInvalid,
-            };
-            state.stats.add(counter, 1);
+    let answer = respond(&state, target, peer, req).await;
+    let count_refusal = |r: &Rejection| {
+        let counter = match r {
+            Rejection::Overloaded => Counter::Shed,
+            Rejection::ShuttingDown => Counter::RefusedShuttingDown,
+            _ => Counter::RejectedInvalid,
+        };
+        state.stats.add(counter, 1);
+    };
+    if let Some(r) = &answer.refused {
+        if matches!(target, Target::Record(..) | Target::Batch) {
+            count_refusal(r);
         }
     }
-    // HEAD validates without recording: its refusals are not refused events.
-    let reason = refused
-        .filter(|r| r.refuses_event() && !matches!(target, Target::Validate(_)))
-        .map(|r| r.code());
-    state
-        .stats
-        .record_request(route, response.status().as_u16(), started, reason, invalid);
-    Ok(response)
+    let status = answer.response.status().as_u16();
+    match &answer.batch {
+        Some(tally) => {
+            for r in &tally.refused {
+                count_refusal(&r.why);
+            }
+            state
+                .stats
+                .record_request(route, status, started, &tally.rejected, &tally.invalid);
+        }
+        None => {
+            // HEAD validates without recording: its refusals are not refused events.
+            let reason = answer
+                .refused
+                .filter(|r| r.refuses_event() && !matches!(target, Target::Validate(_)))
+                .map(|r| r.code());
+            state.stats.record_request(
+                route,
+                status,
+                started,
+                reason.as_slice(),
+                answer.invalid.as_slice(),
+            );
+        }
+    }
+    Ok(answer.response)
 }
 
 /// Size limits on the request head, checked before anything else.
@@ -238,6 +276,28 @@ fn check_head(req: &Request<Incoming>) -> Result<(), Rejection> {
     Ok(())
 }
 
+/// A response and what the stats need to know about it.
+struct Answer {
+    response: Response<Body>,
+    /// The refusal the response carries, if it is one.
+    refused: Option<Rejection>,
+    /// The recorded event's invalid-traffic reason, if it is invalid.
+    invalid: Option<InvalidReason>,
+    /// A batch's per-event results.
+    batch: Option<batch::Tally>,
+}
+
+impl Answer {
+    fn plain(response: Response<Body>, refused: Option<Rejection>) -> Answer {
+        Answer {
+            response,
+            refused,
+            invalid: None,
+            batch: None,
+        }
+    }
+}
+
 /// The response, the refusal it carries (if it is one), and the recorded
 /// event's invalid-traffic reason (if it is invalid).
 async fn respond(
@@ -245,20 +305,20 @@ async fn respond(
     target: Target,
     peer: IpAddr,
     req: Request<Incoming>,
-) -> (Response<Body>, Option<Rejection>, Option<InvalidReason>) {
+) -> Answer {
     let checked = check_head(&req).and(match target {
         Target::Refused(r) => Err(r),
         _ => Ok(()),
     });
     if let Err(r) = checked {
-        return (r.into_response(), Some(r), None);
+        return Answer::plain(r.into_response(), Some(r));
     }
     let (response, refused) = match target {
         Target::Record(kind, route) => {
             let is_get = matches!(route, Route::GetImpression | Route::GetClick);
             let (parts, body) = req.into_parts();
-            let outcome = match drain_body(body, state.body_read_timeout).await {
-                Ok(()) => record(state, kind, &parts, peer, is_get),
+            let outcome = match read_body(body, MAX_BODY_BYTES, state.body_read_timeout).await {
+                Ok(_) => record(state, kind, &parts, peer, is_get),
                 Err(r) => Err(r),
             };
             let (mut response, refused, invalid) = match outcome {
@@ -266,7 +326,47 @@ async fn respond(
                 Err(r) => (r.into_response(), Some(r), None),
             };
             cors::decorate(&state.origins, &parts.headers, &mut response);
-            return (response, refused, invalid);
+            return Answer {
+                response,
+                refused,
+                invalid,
+                batch: None,
+            };
+        }
+        Target::Batch => {
+            let (parts, body) = req.into_parts();
+            let outcome = match batch::format_of(&parts.headers) {
+                Ok(format) => {
+                    match read_body(body, MAX_BATCH_BODY_BYTES, state.body_read_timeout).await {
+                        Ok(bytes) => {
+                            let ua = parts
+                                .headers
+                                .get(USER_AGENT)
+                                .map(|v| event::user_agent(v.as_bytes()));
+                            let cx = batch::Context {
+                                headers: &parts.headers,
+                                user_agent: ua.as_deref(),
+                                peer,
+                                received: unix_ms(SystemTime::now()),
+                            };
+                            batch::record_batch(state, &bytes, format, state.batch_max_events, &cx)
+                        }
+                        Err(r) => Err(r),
+                    }
+                }
+                Err(r) => Err(r),
+            };
+            let mut answer = match outcome {
+                Ok(tally) => Answer {
+                    response: response::json(hyper::StatusCode::OK, tally.body()),
+                    refused: None,
+                    invalid: None,
+                    batch: Some(tally),
+                },
+                Err(r) => Answer::plain(r.into_response(), Some(r)),
+            };
+            cors::decorate(&state.origins, &parts.headers, &mut answer.response);
+            return answer;
         }
         Target::Validate(kind) => {
             // Answers like GET (validation included) but records nothing.
@@ -311,7 +411,7 @@ async fn respond(
         }
         Target::Refused(r) => (r.into_response(), Some(r)),
     };
-    (response, refused, None)
+    Answer::plain(response, refused)
 }
 
 /// What became of one valid event.
@@ -408,19 +508,25 @@ fn record(
     })
 }
 
-/// Reads and discards a request body, refusing bodies over [`MAX_BODY_BYTES`]
-/// or slower than `deadline`.
-async fn drain_body(body: Incoming, deadline: Duration) -> Result<(), Rejection> {
+/// Reads a request body, refusing bodies over `limit` bytes or slower than
+/// `deadline`.
+async fn read_body(
+    body: Incoming,
+    limit: usize,
+    deadline: Duration,
+) -> Result<bytes::Bytes, Rejection> {
     if body.is_end_stream() {
-        return Ok(());
+        return Ok(bytes::Bytes::new());
     }
-    if body.size_hint().lower() > MAX_BODY_BYTES as u64 {
-        return Err(Rejection::BodyTooLarge);
+    if body.size_hint().lower() > limit as u64 {
+        return Err(Rejection::BodyTooLarge(limit));
     }
-    match tokio::time::timeout(deadline, Limited::new(body, MAX_BODY_BYTES).collect()).await {
+    match tokio::time::timeout(deadline, Limited::new(body, limit).collect()).await {
         Err(_) => Err(Rejection::BodyTimeout),
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(Rejection::BodyTooLarge),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            Err(Rejection::BodyTooLarge(limit))
+        }
         Ok(Err(_)) => Err(Rejection::BadBody),
     }
 }

@@ -13,6 +13,8 @@ use hyper::header::{HeaderValue, ALLOW, CACHE_CONTROL, CONNECTION, CONTENT_TYPE,
 use hyper::{Response, StatusCode};
 
 use super::response::Body;
+#[cfg(doc)]
+use super::MAX_BATCH_BODY_BYTES;
 use super::{MAX_BODY_BYTES, MAX_HEADERS, MAX_HEADER_BYTES, MAX_URI_BYTES};
 use crate::event::ParamError;
 
@@ -25,9 +27,22 @@ pub enum Rejection {
     /// The request body could not be read (client reset mid-body, bad chunking).
     #[error("the request body could not be read")]
     BadBody,
-    /// The request body is over [`MAX_BODY_BYTES`].
+    /// The request body is over its endpoint's limit ([`MAX_BODY_BYTES`],
+    /// or [`MAX_BATCH_BODY_BYTES`] on `/events`).
     #[error("request body too large")]
-    BodyTooLarge,
+    BodyTooLarge(usize),
+    /// A batch holds more events than `BATCH_MAX_EVENTS`.
+    #[error("too many events in one batch")]
+    TooManyEvents(usize),
+    /// A batch body that is neither `text/plain` nor `application/json`.
+    #[error("unsupported media type")]
+    UnsupportedMediaType,
+    /// A JSON batch body that is not a JSON array.
+    #[error("not a JSON array")]
+    BadJson,
+    /// One element of a JSON batch is not an object (per event, in a batch answer).
+    #[error("not a JSON object")]
+    NotAnObject,
     /// The request body did not arrive within `BODY_READ_TIMEOUT_MS`; the
     /// connection is closed.
     #[error("request body too slow")]
@@ -63,12 +78,16 @@ impl Rejection {
         (400, "invalid_parameter"),
         (400, "duplicate_parameter"),
         (400, "bad_body"),
+        (400, "bad_json"),
+        (400, "invalid_event"),
         (403, "origin_not_allowed"),
         (404, "not_found"),
         (405, "method_not_allowed"),
         (408, "body_timeout"),
         (413, "body_too_large"),
+        (413, "too_many_events"),
         (414, "uri_too_long"),
+        (415, "unsupported_media_type"),
         (431, "headers_too_large"),
         (503, "overloaded"),
         (503, "shutting_down"),
@@ -76,11 +95,16 @@ impl Rejection {
 
     pub fn status(&self) -> StatusCode {
         match self {
-            Rejection::Param(_) | Rejection::BadBody => StatusCode::BAD_REQUEST,
+            Rejection::Param(_)
+            | Rejection::BadBody
+            | Rejection::BadJson
+            | Rejection::NotAnObject => StatusCode::BAD_REQUEST,
+            Rejection::TooManyEvents(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Rejection::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Rejection::OriginNotAllowed => StatusCode::FORBIDDEN,
             Rejection::NotFound => StatusCode::NOT_FOUND,
             Rejection::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
-            Rejection::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Rejection::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Rejection::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             Rejection::UriTooLong => StatusCode::URI_TOO_LONG,
             Rejection::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -93,7 +117,11 @@ impl Rejection {
         match self {
             Rejection::Param(e) => e.problem.code(),
             Rejection::BadBody => "bad_body",
-            Rejection::BodyTooLarge => "body_too_large",
+            Rejection::BodyTooLarge(_) => "body_too_large",
+            Rejection::TooManyEvents(_) => "too_many_events",
+            Rejection::UnsupportedMediaType => "unsupported_media_type",
+            Rejection::BadJson => "bad_json",
+            Rejection::NotAnObject => "invalid_event",
             Rejection::BodyTimeout => "body_timeout",
             Rejection::UriTooLong => "uri_too_long",
             Rejection::HeadersTooLarge => "headers_too_large",
@@ -118,9 +146,18 @@ impl Rejection {
         match self {
             Rejection::Param(e) => e.problem.message().to_string(),
             Rejection::BadBody => "the request body could not be read".into(),
-            Rejection::BodyTooLarge => format!(
+            Rejection::BodyTooLarge(MAX_BODY_BYTES) => format!(
                 "event endpoints take their data in the query string; bodies over {MAX_BODY_BYTES} bytes are refused"
             ),
+            Rejection::BodyTooLarge(limit) => format!(
+                "bodies over {limit} bytes are refused; send the events in several batches"
+            ),
+            Rejection::TooManyEvents(max) => format!(
+                "a batch holds at most {max} events (BATCH_MAX_EVENTS); send the rest in another"
+            ),
+            Rejection::UnsupportedMediaType => "send text/plain (one event query string per line) or application/json (an array of event objects)".into(),
+            Rejection::BadJson => "the body is not a JSON array of event objects".into(),
+            Rejection::NotAnObject => "each element of the array must be a JSON object".into(),
             Rejection::BodyTimeout => {
                 "the request body did not arrive in time; the connection is closed".into()
             }
@@ -219,7 +256,11 @@ mod tests {
                 problem: Problem::TooLong,
             }),
             Rejection::BadBody,
-            Rejection::BodyTooLarge,
+            Rejection::BodyTooLarge(MAX_BODY_BYTES),
+            Rejection::TooManyEvents(500),
+            Rejection::UnsupportedMediaType,
+            Rejection::BadJson,
+            Rejection::NotAnObject,
             Rejection::BodyTimeout,
             Rejection::ShuttingDown,
             Rejection::UriTooLong,
