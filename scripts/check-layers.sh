@@ -10,11 +10,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/../src"
 
-REQUEST=(server.rs http event.rs event_ids.rs ivt.rs shard.rs admission.rs coordinator.rs)
+REQUEST=(server.rs http event.rs event_ids.rs journal.rs ivt.rs shard.rs admission.rs coordinator.rs)
 WRITE=(writer pgcopy.rs spool.rs accounts.rs db.rs tls.rs maintenance.rs)
 SHARED=(batch.rs stats.rs telemetry.rs ipset.rs recent.rs)
 WRITE_MODS='writer|accounts|db|spool|pgcopy|tls|write_side|maintenance'
-REQUEST_MODS='server|http|event|event_ids|ivt|shard|admission|coordinator'
+REQUEST_MODS='server|http|event|event_ids|journal|ivt|shard|admission|coordinator'
 
 fail=0
 check() { # check RULE PATTERN FILES...

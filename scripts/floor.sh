@@ -14,7 +14,10 @@
 # the service process, and the service plus PostgreSQL per committed event, measured until
 # every event is committed), rows/s landed in PostgreSQL, whether every 2xx landed, the
 # server-side p99 from /health and the service's RSS; then medians and the service/floor ratios.
-# env: CONNS=64 DURATION=10s SERVICE_ENV="..." PG_NICE=0 (nice value for PostgreSQL, see README)
+# ALT_ENV="ACK_MODE=durable" (say) adds a second service round per round with those settings
+# on top of SERVICE_ENV, and prints its medians and its ratios to the floor and to the service.
+# EVENT_ID=1 adds a fresh event_id to every request (scripts/wrk/with-id.lua).
+# env: CONNS=64 DURATION=10s SERVICE_ENV="..." ALT_ENV="..." PG_NICE=0 (nice value for PostgreSQL, see README)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${1:-3}
@@ -52,21 +55,15 @@ wrk_script
 run_wrk() { taskset -c 1 wrk -t1 -c"$CONNS" -d"$DURATION" --latency -s "$WRK_SCRIPT" "http://127.0.0.1:$1" 2>&1 | grep ^RESULT; }
 DUR_S=$(echo "$DURATION" | sed 's/s$//')
 
-F_RPS=(); F_CPU=(); S_RPS=(); S_CPU=(); SP_CPU=(); S_P99=(); F_P99=(); ROWS_S=()
-for r in $(seq 1 "$ROUNDS"); do
-  # floor
-  C0=$(tree_ticks "$NGINX_PID"); R=$(run_wrk "$FPORT"); C1=$(tree_ticks "$NGINX_PID")
-  N=$(res "$R" requests)
-  FCPU=$(echo "scale=2; ($C1 - $C0) * 1000000 / $TICK / $N" | bc)
-  F_RPS+=("$(res "$R" rps)"); F_CPU+=("$FCPU"); F_P99+=("$(res "$R" p99_us)")
-  echo "round $r floor:   $R cpu_us_per_req=$FCPU"
-
-  # service
-  PSQL -c "TRUNCATE events, metrics_hourly, rejected_events, ingest_batches" >/dev/null
-  env PORT=$SPORT HOST=127.0.0.1 WORKER_THREADS=1 LOG_LEVEL=warn SPOOL_DIR="$WORK/spool" ${SERVICE_ENV:-} \
+# One service round with extra settings $2 (label $1); appends to the arrays named by prefix $3.
+service_round() {
+  local label=$1 extra=$2 pre=$3
+  PSQL -c "TRUNCATE events, metrics_hourly, rejected_events, ingest_batches, event_ids" >/dev/null
+  env PORT=$SPORT HOST=127.0.0.1 WORKER_THREADS=1 LOG_LEVEL=warn SPOOL_DIR="$WORK/spool" ${SERVICE_ENV:-} $extra \
     taskset -c 0 ./target/release/ingest 2>>"$WORK/service.log" &
   SVC_PID=$!
   for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$SPORT/health" >/dev/null && break; sleep 0.1; done
+  local S0 P0 S1 P1 R RSS H ROWS N BAD SCPU SPCPU RS SP99
   S0=$(ticks "$SVC_PID"); P0=$(tree_ticks "$PG_PID")
   R=$(run_wrk "$SPORT")
   RSS=$(awk '/VmRSS/{print $2}' "/proc/$SVC_PID/status")
@@ -80,12 +77,31 @@ for r in $(seq 1 "$ROUNDS"); do
   SPCPU=$(echo "scale=2; ($S1 - $S0 + $P1 - $P0) * 1000000 / $TICK / $ROWS" | bc)
   RS=$(echo "$ROWS / $DUR_S" | bc)
   SP99=$(echo "$H" | field '["latency_us"]["POST /event/impression"]["p99_us"]')
-  S_RPS+=("$(res "$R" rps)"); S_CPU+=("$SCPU"); SP_CPU+=("$SPCPU"); S_P99+=("$(res "$R" p99_us)"); ROWS_S+=("$RS")
-  echo "round $r service: $R cpu_us_per_event=$SCPU with_pg_cpu_us_per_event=$SPCPU rows=$ROWS rows_per_s=$RS 2xx=$((N - BAD)) server_p99_us=$SP99 rss_kib=$RSS flush_age_ms=$(echo "$H" | field '["pipeline"]["last_flush_age_ms"]')"
+  eval "${pre}_RPS+=(\"$(res "$R" rps)\"); ${pre}_CPU+=(\"$SCPU\"); ${pre}P_CPU+=(\"$SPCPU\"); ${pre}_P99+=(\"$(res "$R" p99_us)\"); ${pre}_P50+=(\"$(res "$R" p50_us)\"); ${pre}_ROWS+=(\"$RS\")"
+  echo "round $r $label: $R cpu_us_per_event=$SCPU with_pg_cpu_us_per_event=$SPCPU rows=$ROWS rows_per_s=$RS 2xx=$((N - BAD)) server_p99_us=$SP99 rss_kib=$RSS flush_age_ms=$(echo "$H" | field '["pipeline"]["last_flush_age_ms"]')"
+}
+
+F_RPS=(); F_CPU=(); F_P99=(); S_RPS=(); S_CPU=(); SP_CPU=(); S_P99=(); S_P50=(); S_ROWS=(); A_RPS=(); A_CPU=(); AP_CPU=(); A_P99=(); A_P50=(); A_ROWS=()
+for r in $(seq 1 "$ROUNDS"); do
+  # floor
+  C0=$(tree_ticks "$NGINX_PID"); R=$(run_wrk "$FPORT"); C1=$(tree_ticks "$NGINX_PID")
+  N=$(res "$R" requests)
+  FCPU=$(echo "scale=2; ($C1 - $C0) * 1000000 / $TICK / $N" | bc)
+  F_RPS+=("$(res "$R" rps)"); F_CPU+=("$FCPU"); F_P99+=("$(res "$R" p99_us)")
+  echo "round $r floor:   $R cpu_us_per_req=$FCPU"
+
+  service_round service "" S
+  if [ -n "${ALT_ENV:-}" ]; then service_round "alt ($ALT_ENV)" "$ALT_ENV" A; fi
 done
 
 median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
 FR=$(median "${F_RPS[@]}"); SR=$(median "${S_RPS[@]}"); FC=$(median "${F_CPU[@]}"); SC=$(median "${S_CPU[@]}"); SPC=$(median "${SP_CPU[@]}")
 echo "median floor:   rps=$FR p99_us=$(median "${F_P99[@]}") cpu_us_per_req=$FC"
-echo "median service: rps=$SR p99_us=$(median "${S_P99[@]}") cpu_us_per_event=$SC with_pg=$SPC rows_per_s=$(median "${ROWS_S[@]}")"
+echo "median service: rps=$SR p50_us=$(median "${S_P50[@]}") p99_us=$(median "${S_P99[@]}") cpu_us_per_event=$SC with_pg=$SPC rows_per_s=$(median "${S_ROWS[@]}")"
 echo "ratios service/floor: rps=$(echo "scale=3; $SR / $FR" | bc) cpu=$(echo "scale=3; $SC / $FC" | bc) cpu_with_pg=$(echo "scale=3; $SPC / $FC" | bc)"
+if [ -n "${ALT_ENV:-}" ]; then
+  AR=$(median "${A_RPS[@]}"); AC=$(median "${A_CPU[@]}"); APC=$(median "${AP_CPU[@]}")
+  echo "median alt ($ALT_ENV): rps=$AR p50_us=$(median "${A_P50[@]}") p99_us=$(median "${A_P99[@]}") cpu_us_per_event=$AC with_pg=$APC rows_per_s=$(median "${A_ROWS[@]}")"
+  echo "ratios alt/floor: rps=$(echo "scale=3; $AR / $FR" | bc) cpu=$(echo "scale=3; $AC / $FC" | bc) cpu_with_pg=$(echo "scale=3; $APC / $FC" | bc)"
+  echo "ratios alt/service: rps=$(echo "scale=3; $AR / $SR" | bc) cpu=$(echo "scale=3; $AC / $SC" | bc) cpu_with_pg=$(echo "scale=3; $APC / $SPC" | bc)"
+fi

@@ -105,5 +105,8 @@ wrk_script() {
     browser) export BASE_LUA="$BENCH/wrk/$lua"; WRK_SCRIPT="$PWD/scripts/wrk/with-ua.lua" ;;
     *) echo "UA is none or browser" >&2; exit 2 ;;
   esac
-  echo "key mix: ${MIX:-zipf} ($lua), user agents: ${UA:-none}"
+  if [ "${EVENT_ID:-0}" = 1 ]; then
+    export ID_BASE_LUA="$WRK_SCRIPT"; WRK_SCRIPT="$PWD/scripts/wrk/with-id.lua"
+  fi
+  echo "key mix: ${MIX:-zipf} ($lua), user agents: ${UA:-none}, event_id: ${EVENT_ID:-0}"
 }

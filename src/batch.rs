@@ -356,6 +356,46 @@ impl Buffer {
     }
 }
 
+/// Something to run once every batch of one flush is durable (committed,
+/// spooled or quarantined): in durable mode, letting the journal drop the
+/// segments that held those events. Shared by the flush's chunks; the write
+/// side calls [`Settle::done`] once per chunk, and never for a chunk it
+/// could not make durable (the journal then keeps its events).
+#[derive(Clone)]
+pub struct Settle(std::sync::Arc<SettleInner>);
+
+struct SettleInner {
+    remaining: std::sync::atomic::AtomicUsize,
+    hook: std::sync::Mutex<Option<Box<dyn FnOnce() + Send>>>,
+}
+
+impl Settle {
+    /// Runs `hook` after `parts` calls of [`Settle::done`].
+    pub fn new(parts: usize, hook: impl FnOnce() + Send + 'static) -> Settle {
+        Settle(std::sync::Arc::new(SettleInner {
+            remaining: std::sync::atomic::AtomicUsize::new(parts.max(1)),
+            hook: std::sync::Mutex::new(Some(Box::new(hook))),
+        }))
+    }
+
+    /// One part is durable.
+    pub fn done(&self) {
+        use std::sync::atomic::Ordering::AcqRel;
+        if self.0.remaining.fetch_sub(1, AcqRel) == 1 {
+            let hook = self.0.hook.lock().unwrap_or_else(|p| p.into_inner()).take();
+            if let Some(hook) = hook {
+                hook();
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for Settle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Settle")
+    }
+}
+
 /// Events taken from all shards at one flush (or read back from the spool),
 /// ready to be written in one transaction.
 #[derive(Debug)]
@@ -367,6 +407,7 @@ pub struct Batch {
     aggregates: HashMap<AggKey, Counts, KeyHasher>,
     events: usize,
     oldest_received_ms: i64,
+    settle: Option<Settle>,
 }
 
 impl Batch {
@@ -402,7 +443,18 @@ impl Batch {
             aggregates,
             events,
             oldest_received_ms,
+            settle: None,
         }
+    }
+
+    /// Attaches what to tell once this batch is durable.
+    pub fn set_settle(&mut self, settle: Settle) {
+        self.settle = Some(settle);
+    }
+
+    /// Takes the batch's [`Settle`], to call once it is durable.
+    pub fn take_settle(&mut self) -> Option<Settle> {
+        self.settle.take()
     }
 
     /// Number of events in the batch.

@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 
-use crate::batch::Batch;
+use crate::batch::{Batch, Settle};
+use crate::journal::Journal;
 use crate::shard::ShardSet;
 use crate::stats::Stats;
 
@@ -26,6 +27,10 @@ pub struct Coordinator {
     interval: Duration,
     /// Rows per batch at most (`BATCH_MAX_ROWS`).
     max_rows: usize,
+    /// `ACK_MODE=durable`: rotated before each take, settled by the write side.
+    journal: Option<Arc<Journal>>,
+    /// Batches read back from an earlier run's journal, sent first.
+    recovered: Vec<Batch>,
 }
 
 impl Coordinator {
@@ -42,14 +47,31 @@ impl Coordinator {
             batches,
             interval,
             max_rows,
+            journal: None,
+            recovered: Vec::new(),
         }
+    }
+
+    /// Durable mode: rotates `journal` at each flush and hands the batches
+    /// what settles it; `recovered` (an earlier run's journal) goes first.
+    pub fn with_journal(mut self, journal: Arc<Journal>, recovered: Vec<Batch>) -> Self {
+        self.journal = Some(journal);
+        self.recovered = recovered;
+        self
     }
 
     /// Runs until `stop` turns true, then closes the shards (a request still
     /// running is refused from here on, never acknowledged into a buffer
     /// nobody flushes), flushes what is left and returns. Beats every second
     /// (see `/livez`).
-    pub async fn run(self, mut stop: watch::Receiver<bool>) {
+    pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
+        for batch in std::mem::take(&mut self.recovered) {
+            self.stats.in_writer.fetch_add(batch.len() as u64, SeqCst);
+            self.stats
+                .in_writer_bytes
+                .fetch_add(batch.counted_bytes(), SeqCst);
+            self.send(batch).await;
+        }
         let mut next = tokio::time::Instant::now() + self.interval;
         loop {
             self.beat();
@@ -81,16 +103,37 @@ impl Coordinator {
             stats.in_writer.fetch_add(events, SeqCst);
             stats.in_writer_bytes.fetch_add(bytes, SeqCst);
         };
+        // Rotate first, then take: an event is recorded before it is
+        // journaled, so every event in the segments up to the cut is in
+        // this flush's batches (or an earlier one's).
+        let cut = self.journal.as_ref().map(|j| j.rotate());
         let parts = if last {
             self.shards.close_and_take_all(count).await
         } else {
             self.shards.take_all(count).await
         };
         let batch = Batch::from_parts(parts);
+        let settle = match (&self.journal, cut) {
+            (Some(journal), Some(cut)) if batch.is_empty() => {
+                journal.settle(cut);
+                return;
+            }
+            (Some(journal), Some(cut)) => {
+                let journal = journal.clone();
+                Some((journal, cut))
+            }
+            _ => None,
+        };
         if batch.is_empty() {
             return;
         }
-        for batch in batch.into_chunks(self.max_rows) {
+        let chunks = batch.into_chunks(self.max_rows);
+        let settle =
+            settle.map(|(journal, cut)| Settle::new(chunks.len(), move || journal.settle(cut)));
+        for mut batch in chunks {
+            if let Some(s) = &settle {
+                batch.set_settle(s.clone());
+            }
             self.send(batch).await;
         }
     }

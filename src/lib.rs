@@ -33,6 +33,7 @@
 //! | [`http`] | request | routing, CORS, the pixel GIF, [`http::Rejection`], `/health`, `/metrics`, probes |
 //! | [`event`] | request | query parsing and validation → [`event::Event`] or a [`event::ParamError`] |
 //! | [`ivt`] | request | invalid traffic: bots, prefetches, excluded addresses, duplicate clicks |
+//! | [`journal`] | request | `ACK_MODE=durable`: the fsynced group-commit log events wait on before their 2xx |
 //! | [`event_ids`] | request | recently accepted `event_id`s: repeats answered without recording |
 //! | [`recent`] | shared | [`recent::Recent`]: keys seen within a window, in bounded memory |
 //! | [`ipset`] | shared | address ranges (CIDRs) |
@@ -65,6 +66,7 @@ pub mod event_ids;
 pub mod http;
 pub mod ipset;
 pub mod ivt;
+pub mod journal;
 pub mod maintenance;
 pub mod pgcopy;
 pub mod recent;
@@ -130,6 +132,10 @@ pub enum ServeError {
     Admin(String, std::io::Error),
     #[error("{0}")]
     Setting(String),
+    #[error(
+        "cannot open the journal in {dir}: {source} (ACK_MODE=durable needs SPOOL_DIR writable)"
+    )]
+    Journal { dir: String, source: std::io::Error },
 }
 
 /// The invalid-traffic checks from the settings; the files are read now, and
@@ -186,6 +192,62 @@ fn classifier(config: &Config) -> Result<ivt::Classifier, ServeError> {
     ))
 }
 
+/// `ACK_MODE=durable`: opens the journal in `SPOOL_DIR/journal` (the spool's
+/// lock makes it this process's own), starts its writer, and readies what an
+/// earlier run left there for delivery (its files are deleted once that is
+/// durable; `event_ids` makes it exactly-once).
+fn open_journal(
+    config: &Config,
+    spool: &Spool,
+    stats: &Arc<Stats>,
+) -> Result<(Arc<journal::Journal>, Vec<batch::Batch>), ServeError> {
+    let dir = spool.dir().join("journal");
+    let failed = |e: std::io::Error| ServeError::Journal {
+        dir: dir.display().to_string(),
+        source: e,
+    };
+    let (journal, recovered) = journal::Journal::open(
+        &dir,
+        config.journal_flush,
+        config.journal_flush_events,
+        config.batch_max_rows,
+        stats.clone(),
+    )
+    .map_err(failed)?;
+    journal.start().map_err(failed)?;
+    let journal::Recovered {
+        mut batches,
+        events,
+        files,
+        torn_bytes,
+    } = recovered;
+    if !files.is_empty() {
+        tracing::warn!(
+            events,
+            segments = files.len(),
+            torn_bytes,
+            "journal from an earlier run found; its events will be delivered (each once, by event_id)"
+        );
+    }
+    stats.add(Counter::JournalRecovered, events as u64);
+    let remove = move || {
+        for f in files {
+            if let Err(e) = std::fs::remove_file(&f) {
+                tracing::warn!(path = %f.display(), error = %e, "cannot delete a replayed journal segment");
+            }
+        }
+    };
+    if batches.is_empty() {
+        remove();
+    } else {
+        let settle = batch::Settle::new(batches.len(), remove);
+        for b in &mut batches {
+            b.set_settle(settle.clone());
+        }
+    }
+    Ok((journal, batches))
+}
+
 /// Runs the service on `listener` until `shutdown` resolves, then drains:
 /// serve through `SHUTDOWN_GRACE_MS`, stop accepting, let in-flight requests
 /// finish (half of `SHUTDOWN_TIMEOUT_MS` at most), close the shards and flush
@@ -234,12 +296,18 @@ pub async fn serve(
         accounts,
         pool,
     });
+    let journal = match config.ack_mode {
+        config::AckMode::Fast => None,
+        config::AckMode::Durable => Some(open_journal(&config, &spool, &stats)?),
+    };
+    let durable = journal.as_ref().map(|(j, _)| j.clone());
     let write_side = WriteSide {
         config: config.clone(),
         shards: shards.clone(),
         stats: stats.clone(),
         spool: spool.clone(),
         writer,
+        journal,
     }
     .start()
     .map_err(ServeError::WriteSide)?;
@@ -272,6 +340,7 @@ pub async fn serve(
         classifier,
         ivt_filter: config.ivt_filter,
         batch_max_events: config.batch_max_events,
+        journal: durable.clone(),
         event_ids: event_ids::EventIdFilter::new(
             config.dedup_window.as_millis() as i64,
             config.event_id_memory_max,
@@ -373,6 +442,10 @@ pub async fn serve(
     };
     if let Some(t) = admin_task {
         t.abort();
+    }
+    if let Some(j) = &durable {
+        // Everything was answered; what is still unsettled stays for the next start.
+        j.close();
     }
 
     let drain = DrainReport {

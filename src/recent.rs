@@ -1,8 +1,8 @@
 //! `Recent`: what was seen within a time window, in bounded memory.
 //!
 //! The request side's two "seen before?" questions use it: the same click
-//! within `CLICK_DEDUP_WINDOW_S` ([`crate::ivt::ClickDedup`]) and the same
-//! `event_id` within `DEDUP_WINDOW_HOURS` ([`crate::event_ids::EventIdFilter`]).
+//! within `CLICK_DEDUP_WINDOW_S` (`ivt::ClickDedup`) and the same
+//! `event_id` within `DEDUP_WINDOW_HOURS` (`event_ids::EventIdFilter`).
 //!
 //! Two generations of a hash table per lock shard: entries move to the older
 //! generation as the window passes and are dropped a window later, so every

@@ -279,6 +279,14 @@ counters! {
     ConflictingEventIds => "event_ids.conflicting", "ingest_conflicting_event_ids";
     /// event_ids entries older than DEDUP_WINDOW_HOURS deleted
     EventIdsPruned => "maintenance.event_ids_deleted", "ingest_event_ids_deleted";
+    /// ACK_MODE=durable: journal writes (each one fsync for every event waiting)
+    JournalSyncs => "journal.syncs", "ingest_journal_syncs";
+    /// ACK_MODE=durable: events made durable in the journal
+    JournalEvents => "journal.events", "ingest_journal_events";
+    /// ACK_MODE=durable: journal writes that failed (their events were answered 503)
+    JournalFailures => "journal.failures", "ingest_journal_failures";
+    /// ACK_MODE=durable: events read back from an earlier run's journal at start
+    JournalRecovered => "journal.recovered_events", "ingest_journal_recovered_events";
     /// Snapshots rendered for /health and /metrics (at most one per VIEW_CACHE_MS)
     ViewRenders => "views.renders", "ingest_view_renders";
 }

@@ -18,9 +18,11 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::accounts::AccountCache;
 use crate::admission::Admission;
+use crate::batch::Batch;
 use crate::config::Config;
 use crate::coordinator::Coordinator;
 use crate::db;
+use crate::journal::Journal;
 use crate::maintenance;
 use crate::shard::ShardSet;
 use crate::spool::Spool;
@@ -50,6 +52,8 @@ pub struct WriteSide {
     pub stats: Arc<Stats>,
     pub spool: Arc<Spool>,
     pub writer: Arc<PgWriter>,
+    /// `ACK_MODE=durable`: the journal and what an earlier run left in it.
+    pub journal: Option<(Arc<Journal>, Vec<Batch>)>,
 }
 
 impl WriteSide {
@@ -71,7 +75,7 @@ impl WriteSide {
     }
 
     async fn run(
-        self,
+        mut self,
         stop: watch::Receiver<bool>,
         abort: watch::Receiver<bool>,
     ) -> DeliveryReport {
@@ -126,13 +130,16 @@ impl WriteSide {
         ));
         let delivery_task =
             tokio::spawn(live::run(delivery, batch_rx, c.writer_concurrency, abort));
-        let coordinator = Coordinator::new(
+        let mut coordinator = Coordinator::new(
             self.shards.clone(),
             self.stats.clone(),
             batch_tx,
             c.flush_interval,
             c.batch_max_rows,
         );
+        if let Some((journal, recovered)) = self.journal.take() {
+            coordinator = coordinator.with_journal(journal, recovered);
+        }
         let mut coordinator_stop = stop.clone();
         let coordinator_task = tokio::spawn(coordinator.run(stop));
 

@@ -117,15 +117,29 @@ pub struct Context<'a> {
     pub received: i64,
 }
 
-/// Judges and records every event of `body`. `Err` refuses the whole batch
-/// (nothing recorded): a body problem, or the very first event refused for
-/// overload or shutdown, answered as the single endpoints would.
+/// Judges and records every event of `body`; in durable mode also the last
+/// journal record to wait for. `Err` refuses the whole batch (nothing
+/// recorded): a body problem, or the very first event refused for overload
+/// or shutdown, answered as the single endpoints would.
 pub fn record_batch(
     state: &AppState,
     body: &[u8],
     format: Format,
     max_events: usize,
     cx: &Context<'_>,
+) -> Result<(Tally, Option<u64>), Rejection> {
+    let mut last_seq = None;
+    let tally = judge_all(state, body, format, max_events, cx, &mut last_seq)?;
+    Ok((tally, last_seq))
+}
+
+fn judge_all(
+    state: &AppState,
+    body: &[u8],
+    format: Format,
+    max_events: usize,
+    cx: &Context<'_>,
+    last_seq: &mut Option<u64>,
 ) -> Result<Tally, Rejection> {
     match format {
         Format::Lines => {
@@ -142,7 +156,7 @@ pub fn record_batch(
                 ..Tally::default()
             };
             for (i, line) in lines.iter().enumerate() {
-                one(state, &mut tally, i, kind_of_line(line), line, cx)?;
+                one(state, &mut tally, i, kind_of_line(line), line, cx, last_seq)?;
             }
             Ok(tally)
         }
@@ -161,7 +175,7 @@ pub fn record_batch(
                     _ => (Err(Rejection::NotAnObject), Ok(String::new())),
                 };
                 match query {
-                    Ok(q) => one(state, &mut tally, i, kind, q.as_bytes(), cx)?,
+                    Ok(q) => one(state, &mut tally, i, kind, q.as_bytes(), cx, last_seq)?,
                     Err(e) => tally.refuse(i, e),
                 }
             }
@@ -179,6 +193,7 @@ fn one(
     kind: Result<EventKind, Rejection>,
     query: &[u8],
     cx: &Context<'_>,
+    last_seq: &mut Option<u64>,
 ) -> Result<(), Rejection> {
     let kind = match kind {
         Ok(k) => k,
@@ -198,7 +213,10 @@ fn one(
             }
         })
     });
-    match outcome {
+    if let Ok((_, Some(seq))) = outcome {
+        *last_seq = Some(last_seq.map_or(seq, |s: u64| s.max(seq)));
+    }
+    match outcome.map(|(a, _)| a) {
         Ok(Accepted::Recorded(invalid)) => {
             tally.accepted += 1;
             tally.invalid.extend(invalid);

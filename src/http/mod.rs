@@ -42,6 +42,7 @@ use crate::config::AllowedOrigins;
 use crate::event::{self, EventKind, Limits};
 use crate::event_ids::{EventIdFilter, Sighting};
 use crate::ivt::Classifier;
+use crate::journal::Journal;
 use crate::shard::{ShardFull, ShardSet};
 use crate::stats::{Counter, RateLimitedLog, Route, Snapshot, Stats, WriteSideStatus};
 pub use batch::MAX_BATCH_BODY_BYTES;
@@ -85,7 +86,12 @@ pub struct AppState {
     pub event_ids: EventIdFilter,
     /// `BATCH_MAX_EVENTS`.
     pub batch_max_events: usize,
+    /// `ACK_MODE=durable`: events are answered once they are in it.
+    pub journal: Option<Arc<Journal>>,
 }
+
+/// Durable mode: the longest a request waits for the journal's fsync.
+pub const JOURNAL_WAIT: Duration = Duration::from_secs(10);
 
 /// Which listener a request came in on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -317,10 +323,16 @@ async fn respond(
         Target::Record(kind, route) => {
             let is_get = matches!(route, Route::GetImpression | Route::GetClick);
             let (parts, body) = req.into_parts();
-            let outcome = match read_body(body, MAX_BODY_BYTES, state.body_read_timeout).await {
+            let mut outcome = match read_body(body, MAX_BODY_BYTES, state.body_read_timeout).await {
                 Ok(_) => record(state, kind, &parts, peer, is_get),
                 Err(r) => Err(r),
             };
+            if let (Some(journal), Ok((_, _, Some(seq)))) = (&state.journal, &outcome) {
+                if let Err(e) = journal.wait(*seq, JOURNAL_WAIT).await {
+                    outcome = Err(not_durable(e));
+                }
+            }
+            let outcome = outcome.map(|(r, invalid, _)| (r, invalid));
             let (mut response, refused, invalid) = match outcome {
                 Ok((r, invalid)) => (r, None, invalid),
                 Err(r) => (r.into_response(), Some(r), None),
@@ -349,7 +361,23 @@ async fn respond(
                                 peer,
                                 received: unix_ms(SystemTime::now()),
                             };
-                            batch::record_batch(state, &bytes, format, state.batch_max_events, &cx)
+                            let recorded = batch::record_batch(
+                                state,
+                                &bytes,
+                                format,
+                                state.batch_max_events,
+                                &cx,
+                            );
+                            match (recorded, &state.journal) {
+                                (Ok((tally, Some(seq))), Some(j)) => {
+                                    match j.wait(seq, JOURNAL_WAIT).await {
+                                        Ok(()) => Ok(tally),
+                                        Err(e) => Err(not_durable(e)),
+                                    }
+                                }
+                                (Ok((tally, _)), _) => Ok(tally),
+                                (Err(r), _) => Err(r),
+                            }
                         }
                         Err(r) => Err(r),
                     }
@@ -423,6 +451,12 @@ enum Accepted {
     Repeat,
 }
 
+/// An accepted event, and in durable mode the journal record to wait for.
+type Journaled = (Accepted, Option<u64>);
+
+/// A recorded event's response, invalid-traffic reason and journal record.
+type Recorded = (Response<Body>, Option<InvalidReason>, Option<u64>);
+
 /// Classifies and records one parsed event (the single endpoints and each
 /// event of a batch): a repeat `event_id` is answered without recording; a
 /// click or id remembered for an event the shard then refused is forgotten,
@@ -434,23 +468,32 @@ fn accept(
     headers: &hyper::HeaderMap,
     peer: IpAddr,
     received: i64,
-) -> Result<Accepted, ShardFull> {
+) -> Result<Journaled, ShardFull> {
     let id_mark = match state.event_ids.sight(ev, received) {
         Sighting::Repeat { conflicting } => {
             state.stats.add(Counter::RepeatedEventIdsMemory, 1);
             if conflicting {
                 state.stats.add(Counter::ConflictingEventIds, 1);
             }
-            return Ok(Accepted::Repeat);
+            // Durable: its first sighting may still be on its way to disk.
+            let seq = state.journal.as_ref().map(|j| j.last());
+            return Ok((Accepted::Repeat, seq));
         }
         Sighting::First(mark) => mark,
     };
     let (invalid, click) = state.classifier.judge(ev, ua, headers, peer, received);
-    match state
-        .shards
-        .record(&ev.stored(received, ua, invalid, state.ivt_filter))
-    {
-        Ok(()) => Ok(Accepted::Recorded(invalid)),
+    let mut row = ev.stored(received, ua, invalid, state.ivt_filter);
+    if state.journal.is_some() && row.event_id.is_none() {
+        // Durable: every event carries an id, so that replaying the journal
+        // after a crash is exactly-once (the database's event_ids decides).
+        row.event_id = Some(uuid::Uuid::new_v4());
+    }
+    match state.shards.record(&row) {
+        // Recorded first, journaled second: see `journal` for why the order matters.
+        Ok(()) => Ok((
+            Accepted::Recorded(invalid),
+            state.journal.as_ref().map(|j| j.append(&row)),
+        )),
         Err(refused) => {
             if let Some(mark) = click {
                 state.classifier.dedup.forget(mark);
@@ -471,7 +514,7 @@ fn record(
     parts: &hyper::http::request::Parts,
     peer: IpAddr,
     is_get: bool,
-) -> Result<(Response<Body>, Option<InvalidReason>), Rejection> {
+) -> Result<Recorded, Rejection> {
     let received = unix_ms(SystemTime::now());
     let query = parts.uri.query().unwrap_or("").as_bytes();
     let ua = parts
@@ -482,13 +525,14 @@ fn record(
         let mut scratch = scratch.borrow_mut();
         let ev = event::parse_event(kind, query, received, &state.limits, &mut scratch)?;
         let recorded = accept(state, &ev, ua.as_deref(), &parts.headers, peer, received);
-        let invalid = match recorded {
-            Ok(Accepted::Recorded(invalid)) => invalid,
-            _ => None,
+        let (invalid, seq) = match recorded {
+            Ok((Accepted::Recorded(invalid), seq)) => (invalid, seq),
+            Ok((Accepted::Repeat, seq)) => (None, seq),
+            Err(_) => (None, None),
         };
         match recorded {
-            Ok(_) if is_get => Ok((response::pixel(true), invalid)),
-            Ok(_) => Ok((response::accepted(), invalid)),
+            Ok(_) if is_get => Ok((response::pixel(true), invalid, seq)),
+            Ok(_) => Ok((response::accepted(), invalid, seq)),
             // Not stored, so never acknowledged: not even with a pixel.
             Err(ShardFull::Closed) => Err(Rejection::ShuttingDown),
             Err(refused) if is_get => {
@@ -501,11 +545,24 @@ fn record(
                         "dropping pixel events: buffers at their memory cap"
                     );
                 }
-                Ok((response::pixel(true), None))
+                Ok((response::pixel(true), None, None))
             }
             Err(_) => Err(Rejection::Overloaded),
         }
     })
+}
+
+/// A journal that could not make an event durable: logged (rate-limited)
+/// and answered 503, so the client retries.
+fn not_durable(e: crate::journal::JournalError) -> Rejection {
+    static LOG: std::sync::OnceLock<RateLimitedLog> = std::sync::OnceLock::new();
+    if LOG
+        .get_or_init(|| RateLimitedLog::new(Duration::from_secs(1)))
+        .allow()
+    {
+        tracing::error!(error = %e, "journal: events answered 503 not_durable");
+    }
+    Rejection::NotDurable
 }
 
 /// Reads a request body, refusing bodies over `limit` bytes or slower than

@@ -69,6 +69,9 @@ pub enum Rejection {
     /// not acknowledged.
     #[error("shutting down")]
     ShuttingDown,
+    /// `ACK_MODE=durable`: the journal could not make the event durable in time.
+    #[error("not durable")]
+    NotDurable,
 }
 
 impl Rejection {
@@ -91,6 +94,7 @@ impl Rejection {
         (431, "headers_too_large"),
         (503, "overloaded"),
         (503, "shutting_down"),
+        (503, "not_durable"),
     ];
 
     pub fn status(&self) -> StatusCode {
@@ -108,7 +112,9 @@ impl Rejection {
             Rejection::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             Rejection::UriTooLong => StatusCode::URI_TOO_LONG,
             Rejection::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            Rejection::Overloaded | Rejection::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Rejection::Overloaded | Rejection::ShuttingDown | Rejection::NotDurable => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         }
     }
 
@@ -130,6 +136,7 @@ impl Rejection {
             Rejection::OriginNotAllowed => "origin_not_allowed",
             Rejection::Overloaded => "overloaded",
             Rejection::ShuttingDown => "shutting_down",
+            Rejection::NotDurable => "not_durable",
         }
     }
 
@@ -174,6 +181,7 @@ impl Rejection {
             Rejection::ShuttingDown => {
                 "this instance is shutting down and did not store the event; retry".into()
             }
+            Rejection::NotDurable => "the event could not be written to the journal in time (it may still be stored); retry, with an event_id to keep it once".into(),
         }
     }
 
@@ -213,7 +221,7 @@ impl Rejection {
             Rejection::MethodNotAllowed(allow) => {
                 h.insert(ALLOW, HeaderValue::from_static(allow));
             }
-            Rejection::Overloaded => {
+            Rejection::Overloaded | Rejection::NotDurable => {
                 h.insert(RETRY_AFTER, HeaderValue::from_static("1"));
             }
             Rejection::ShuttingDown => {
@@ -269,6 +277,7 @@ mod tests {
             Rejection::MethodNotAllowed("GET"),
             Rejection::OriginNotAllowed,
             Rejection::Overloaded,
+            Rejection::NotDurable,
         ];
         let mut seen: Vec<(u16, &str)> = all
             .iter()

@@ -153,6 +153,8 @@ pub async fn run(
         };
         let (d, permits) = (delivery.clone(), permits.clone());
         let mut abort = abort.clone();
+        let mut batch = batch;
+        let settle = batch.take_settle();
         tasks.spawn(async move {
             let (n, bytes) = (batch.len() as u64, batch.counted_bytes());
             let outcome = match permit {
@@ -173,6 +175,11 @@ pub async fn run(
             };
             d.stats.in_writer.fetch_sub(n, Relaxed);
             d.stats.in_writer_bytes.fetch_sub(bytes, Relaxed);
+            if outcome.unwritten() == 0 {
+                if let Some(s) = settle {
+                    s.done();
+                }
+            }
             outcome
         });
         while let Some(r) = tasks.try_join_next() {
