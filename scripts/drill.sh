@@ -10,7 +10,8 @@
 #              10-minute outage: LOAD_S=610 OUTAGE_S=600.
 #   crash      The service is killed with SIGKILL KILL_AT_S seconds (default 5) into a
 #              10 s wrk run, then started again on the same spool. Prints the 2xx count,
-#              the rows after recovery, and the difference: the kill -9 loss.
+#              the rows after recovery, and the difference: the kill -9 loss. With
+#              SERVICE_ENV="ACK_MODE=durable" the journal is read back too (the loss is 0).
 #   failover   The primary gets a synchronous standby (pg_basebackup); the service talks
 #              to it through the fault proxy (examples/fault_proxy.rs). FREEZE_AT_S
 #              (default 5) into a LOAD_S (default 30) run every connection is frozen;
@@ -54,7 +55,7 @@ pgup() { PIN_CPU=0 "$BENCH/pg-up.sh" "$WORK/pg" "$PGPORT" 2>/dev/null | grep ^ex
 export SPOOL_DIR="$WORK/spool"
 
 start_service() {
-  env PORT=$PORT HOST=127.0.0.1 WORKER_THREADS=1 LOG_LEVEL=warn DB_CONNECT_TIMEOUT_MS=500 \
+  env PORT=$PORT HOST=127.0.0.1 WORKER_THREADS=1 LOG_LEVEL=warn DB_CONNECT_TIMEOUT_MS=500 ${SERVICE_ENV:-} \
     taskset -c 0 ./target/release/ingest 2>>"$WORK/service.log" &
   SVC_PID=$!
   for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$PORT/health" >/dev/null && return; sleep 0.1; done
@@ -128,9 +129,13 @@ crash)
   echo "SIGKILL at ${KILL_AT_S}s; last /health before: accepted=$(echo "$H" | field '["pipeline"]["accepted"]') written=$(echo "$H" | field '["pipeline"]["written"]')"
   wait "$WRK_PID" || true; WRK_PID=""
   start_service
+  # Settled: the spool replayed, and (ACK_MODE=durable) the journal read back and delivered.
   for _ in $(seq 1 300); do
-    [ "$(health | field '["spool"]["bytes"]')" = 0 ] && break; sleep 0.2
+    H=$(health)
+    [ "$(echo "$H" | field '["spool"]["bytes"] == 0 and d["pipeline"]["buffered"] == 0 and d["pipeline"]["written"] + d["event_ids"]["repeated_in_database"] >= d["journal"]["recovered_events"]')" = True ] && break
+    sleep 0.2
   done
+  echo "journal recovered at restart: $(echo "$H" | field '["journal"]["recovered_events"]') events"
   kill -TERM "$SVC_PID"; wait "$SVC_PID" || true; SVC_PID=""
   ROWS=$(PSQL -Atc "SELECT count(*) FROM events")
   OK=$(grep ^RESULT "$WORK/wrk.out" | sed -E 's/.* requests=([0-9]+).*/\1/')
