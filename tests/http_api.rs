@@ -453,6 +453,80 @@ async fn unknown_paths_wrong_methods_and_bodies() {
     let _ = Uuid::nil();
 }
 
+/// Reads one HTTP/1.1 response with a Content-Length body; its status.
+async fn read_response(s: &mut tokio::net::TcpStream) -> u16 {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = s.read(&mut buf).await.expect("read");
+        assert!(n > 0, "closed before a full response: {got:?}");
+        got.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&got).to_string();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let len: usize = text[..end]
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse().expect("length"))
+                })
+                .unwrap_or(0);
+            if got.len() >= end + 4 + len {
+                return text[9..12].parse().expect("status");
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_body_is_answered_413_and_the_connection_goes_on() {
+    use tokio::io::AsyncWriteExt;
+    let camps = campaigns(1, 1);
+    let app = TestApp::spawn(&camps).await;
+    let q = event_query(camps[0].id, AD_UNIT, None);
+    let mut s = tokio::net::TcpStream::connect(app.addr)
+        .await
+        .expect("connect");
+    // Declared too large, and sent whole: the client reads its 413, no reset.
+    let body = vec![b'x'; 200 * 1024];
+    let head = format!(
+        "POST /event/click?{q} HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.expect("head");
+    s.write_all(&body).await.expect("body sent whole");
+    assert_eq!(read_response(&mut s).await, 413);
+    // Chunked, over the limit only part way through: the same.
+    let chunk = vec![b'y'; 8 * 1024];
+    s.write_all(
+        format!("POST /event/click?{q} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .expect("head");
+    for _ in 0..5 {
+        s.write_all(format!("{:x}\r\n", chunk.len()).as_bytes())
+            .await
+            .expect("size");
+        s.write_all(&chunk).await.expect("chunk");
+        s.write_all(b"\r\n").await.expect("crlf");
+    }
+    s.write_all(b"0\r\n\r\n").await.expect("last chunk");
+    assert_eq!(read_response(&mut s).await, 413);
+    // The connection is still good for the next event.
+    s.write_all(
+        format!("POST /event/impression?{q} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .expect("next");
+    assert_eq!(read_response(&mut s).await, 204);
+    let (report, db) = app.shutdown().await;
+    assert_eq!(report.accepted, 1);
+    assert_eq!(count(&db, "events").await, 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_database_events_are_accepted_spooled_and_health_is_degraded() {
     let app = TestApp::builder()

@@ -32,7 +32,7 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use http_body_util::{BodyExt, Limited};
+use http_body_util::BodyExt;
 use hyper::body::{Body as _, Incoming};
 use hyper::header::USER_AGENT;
 use hyper::{Method, Request, Response};
@@ -565,25 +565,83 @@ fn not_durable(e: crate::journal::JournalError) -> Rejection {
     Rejection::NotDurable
 }
 
+/// A body over its limit gets its `413` at once, and the rest of it is read
+/// and dropped in the background, up to this many bytes within the body
+/// deadline, so that a client still sending reads the answer instead of a
+/// reset connection (and may keep the connection). Past this, or past the
+/// deadline, the connection is closed.
+pub const DRAIN_MAX_BYTES: u64 = 1024 * 1024;
+
 /// Reads a request body, refusing bodies over `limit` bytes or slower than
 /// `deadline`.
 async fn read_body(
-    body: Incoming,
+    mut body: Incoming,
     limit: usize,
     deadline: Duration,
 ) -> Result<bytes::Bytes, Rejection> {
     if body.is_end_stream() {
         return Ok(bytes::Bytes::new());
     }
-    if body.size_hint().lower() > limit as u64 {
+    let declared = body.size_hint().lower();
+    if declared > limit as u64 {
+        drain_later(body, declared, deadline);
         return Err(Rejection::BodyTooLarge(limit));
     }
-    match tokio::time::timeout(deadline, Limited::new(body, limit).collect()).await {
+    let read = async {
+        let mut kept = bytes::BytesMut::new();
+        // One frame (the usual case) is kept as it came, without copying.
+        let mut first: Option<bytes::Bytes> = None;
+        let mut seen: u64 = 0;
+        while let Some(frame) = body.frame().await {
+            let Ok(frame) = frame else {
+                return Err(Rejection::BadBody);
+            };
+            let Ok(data) = frame.into_data() else {
+                continue; // trailers
+            };
+            seen += data.len() as u64;
+            if seen > limit as u64 {
+                return Ok(Err(seen));
+            }
+            match first.take() {
+                None if kept.is_empty() => first = Some(data),
+                None => kept.extend_from_slice(&data),
+                Some(f) => {
+                    kept.extend_from_slice(&f);
+                    kept.extend_from_slice(&data);
+                }
+            }
+        }
+        Ok(Ok(first.unwrap_or_else(|| kept.freeze())))
+    };
+    let outcome = tokio::time::timeout(deadline, read).await;
+    match outcome {
         Err(_) => Err(Rejection::BodyTimeout),
-        Ok(Ok(collected)) => Ok(collected.to_bytes()),
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+        Ok(Ok(Ok(bytes))) => Ok(bytes),
+        Ok(Ok(Err(seen))) => {
+            drain_later(body, seen, deadline);
             Err(Rejection::BodyTooLarge(limit))
         }
-        Ok(Err(_)) => Err(Rejection::BadBody),
+        Ok(Err(r)) => Err(r),
     }
+}
+
+/// Reads and drops the rest of a refused body in the background (see
+/// [`DRAIN_MAX_BYTES`]); `seen` counts what is known of it so far.
+fn drain_later(mut body: Incoming, seen: u64, deadline: Duration) {
+    if seen > DRAIN_MAX_BYTES {
+        return; // dropped: hyper closes the connection after the answer
+    }
+    tokio::spawn(async move {
+        let mut seen = 0u64;
+        let _ = tokio::time::timeout(deadline, async {
+            while let Some(Ok(frame)) = body.frame().await {
+                seen += frame.data_ref().map_or(0, |d| d.len() as u64);
+                if seen > DRAIN_MAX_BYTES {
+                    break;
+                }
+            }
+        })
+        .await;
+    });
 }
