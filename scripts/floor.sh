@@ -49,6 +49,14 @@ tree_ticks() {
   echo "$total"
 }
 ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
+# CPU ticks of the threads of process $1 named $2 (ingest-worker, ingest-writer).
+thread_ticks() {
+  local t total=0
+  for t in /proc/"$1"/task/*; do
+    [ "$(cat "$t/comm" 2>/dev/null)" = "$2" ] && total=$((total + $(awk '{print $14+$15}' "$t/stat" 2>/dev/null || echo 0)))
+  done
+  echo "$total"
+}
 field() { python3 -c "import json,sys; d=json.load(sys.stdin); print(eval('d' + sys.argv[1]))" "$1"; }
 res() { echo "$1" | sed -E "s/.* $2=([0-9]+).*/\1/"; }
 wrk_script
@@ -65,10 +73,13 @@ service_round() {
   for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$SPORT/health" >/dev/null && break; sleep 0.1; done
   local S0 P0 S1 P1 R RSS H ROWS N BAD SCPU SPCPU RS SP99
   S0=$(ticks "$SVC_PID"); P0=$(tree_ticks "$PG_PID")
+  local W0 WR0 W1 WR1
+  W0=$(thread_ticks "$SVC_PID" ingest-worker); WR0=$(thread_ticks "$SVC_PID" ingest-writer)
   R=$(run_wrk "$SPORT")
   RSS=$(awk '/VmRSS/{print $2}' "/proc/$SVC_PID/status")
   for _ in $(seq 1 300); do [ "$(curl -s "http://127.0.0.1:$SPORT/health" | field '["pipeline"]["buffered"]')" = 0 ] && break; sleep 0.1; done
   S1=$(ticks "$SVC_PID"); P1=$(tree_ticks "$PG_PID")
+  W1=$(thread_ticks "$SVC_PID" ingest-worker); WR1=$(thread_ticks "$SVC_PID" ingest-writer)
   H=$(curl -s "http://127.0.0.1:$SPORT/health")
   kill -TERM "$SVC_PID"; wait "$SVC_PID" || true; SVC_PID=""
   ROWS=$(PSQL -Atc "SELECT count(*) FROM events")
@@ -76,9 +87,12 @@ service_round() {
   SCPU=$(echo "scale=2; ($S1 - $S0) * 1000000 / $TICK / $ROWS" | bc)
   SPCPU=$(echo "scale=2; ($S1 - $S0 + $P1 - $P0) * 1000000 / $TICK / $ROWS" | bc)
   RS=$(echo "$ROWS / $DUR_S" | bc)
+  local WCPU WRCPU
+  WCPU=$(echo "scale=2; ($W1 - $W0) * 1000000 / $TICK / $ROWS" | bc)
+  WRCPU=$(echo "scale=2; ($WR1 - $WR0) * 1000000 / $TICK / $ROWS" | bc)
   SP99=$(echo "$H" | field '["latency_us"]["POST /event/impression"]["p99_us"]')
   eval "${pre}_RPS+=(\"$(res "$R" rps)\"); ${pre}_CPU+=(\"$SCPU\"); ${pre}P_CPU+=(\"$SPCPU\"); ${pre}_P99+=(\"$(res "$R" p99_us)\"); ${pre}_P50+=(\"$(res "$R" p50_us)\"); ${pre}_ROWS+=(\"$RS\")"
-  echo "round $r $label: $R cpu_us_per_event=$SCPU with_pg_cpu_us_per_event=$SPCPU rows=$ROWS rows_per_s=$RS 2xx=$((N - BAD)) server_p99_us=$SP99 rss_kib=$RSS flush_age_ms=$(echo "$H" | field '["pipeline"]["last_flush_age_ms"]')"
+  echo "round $r $label: $R cpu_us_per_event=$SCPU (request threads $WCPU, write thread $WRCPU) with_pg_cpu_us_per_event=$SPCPU rows=$ROWS rows_per_s=$RS 2xx=$((N - BAD)) server_p99_us=$SP99 rss_kib=$RSS flush_age_ms=$(echo "$H" | field '["pipeline"]["last_flush_age_ms"]')"
 }
 
 F_RPS=(); F_CPU=(); F_P99=(); S_RPS=(); S_CPU=(); SP_CPU=(); S_P99=(); S_P50=(); S_ROWS=(); A_RPS=(); A_CPU=(); AP_CPU=(); A_P99=(); A_P50=(); A_ROWS=()
