@@ -33,7 +33,13 @@ bench_db "$WORK" "$PGPORT"
 cargo build --release --quiet --example openloop
 NGINX_PID=$(NGINX204_STATE="$WORK" PIN_CPU=0 "$BENCH/nginx204.sh" "$FPORT" 2>/dev/null)
 PG_PID=$(head -1 "$WORK/pg/data/postmaster.pid")
-if [ "${PG_NICE:-0}" != 0 ]; then renice -n "$PG_NICE" -p "$PG_PID" >/dev/null; fi
+if [ "${PG_NICE:-0}" != 0 ]; then
+  # Backends fork from the postmaster: they inherit its nice value and, with
+  # kernel.sched_autogroup_enabled=1, its autogroup, whose nice is what weighs
+  # PostgreSQL against the service (a plain renice only orders threads inside a group).
+  renice -n "$PG_NICE" -p "$PG_PID" $(pgrep -P "$PG_PID") >/dev/null
+  [ -w "/proc/$PG_PID/autogroup" ] && echo "$PG_NICE" > "/proc/$PG_PID/autogroup" || true
+fi
 wrk_script
 export FIXTURES="$BENCH/fixtures" MIX=${MIX:-zipf}
 if [ "${UA:-none}" = browser ]; then

@@ -91,11 +91,21 @@ fn main() -> ExitCode {
         }
     };
     ingest::telemetry::init(config.production);
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    runtime.enable_all().thread_name("ingest-worker");
-    if let Some(n) = config.worker_threads {
-        runtime.worker_threads(n);
-    }
+    // One request thread: tokio's current-thread scheduler on a thread of its
+    // own (no work-stealing queues or cross-thread wake-ups; see the README's
+    // Performance section for what it measured). More: the multi-thread one.
+    let single = config.worker_threads == Some(1);
+    let mut runtime = if single {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.thread_name("ingest-worker");
+        if let Some(n) = config.worker_threads {
+            b.worker_threads(n);
+        }
+        b
+    };
+    runtime.enable_all();
     let runtime = match runtime.build() {
         Ok(r) => r,
         Err(e) => {
@@ -103,8 +113,31 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let run = move || run_command(runtime, cli.command, config);
+    if !single {
+        return run();
+    }
+    let worker = std::thread::Builder::new()
+        .name("ingest-worker".into())
+        .spawn(run);
+    match worker.map(|w| w.join()) {
+        Ok(Ok(code)) => code,
+        Ok(Err(_)) => ExitCode::FAILURE, // the panic was reported by the hook
+        Err(e) => {
+            eprintln!("cannot start the worker thread: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs one subcommand (`serve` when none) to completion on `runtime`.
+fn run_command(
+    runtime: tokio::runtime::Runtime,
+    command: Option<Command>,
+    config: Config,
+) -> ExitCode {
     runtime.block_on(async move {
-        match cli.command.unwrap_or(Command::Serve) {
+        match command.unwrap_or(Command::Serve) {
             Command::Serve => serve(config).await,
             Command::Migrate {
                 partition_events: false,
