@@ -6,7 +6,7 @@
 #   pg_stop DIR                  fast stop (idempotent)
 #   free_port                    prints a free TCP port on 127.0.0.1
 #   bench_db WORK PGPORT         for the bench scripts: release build, a throw-away
-#                                PostgreSQL pinned to core 0 (shared/bench/pg-up.sh) in
+#                                PostgreSQL pinned to core ${PG_CPU:-0} (shared/bench/pg-up.sh) in
 #                                WORK/pg, migrated, with the 500 fixture campaigns;
 #                                exports DATABASE_URL and defines PSQL
 #
@@ -86,7 +86,7 @@ bench_db() {
   : "${BENCH:?BENCH must point at shared/bench}"
   command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
   cargo build --release --quiet
-  eval "$(PIN_CPU=0 "$BENCH/pg-up.sh" "$work/pg" "$port" 2>/dev/null | grep ^export)"
+  eval "$(PIN_CPU="${PG_CPU:-0}" "$BENCH/pg-up.sh" "$work/pg" "$port" 2>/dev/null | grep ^export)"
   export DATABASE_URL
   PSQL() { "$PGBIN/psql" -X -q -v ON_ERROR_STOP=1 "$DATABASE_URL" "$@"; }
   ./target/release/ingest migrate 2>/dev/null

@@ -10,7 +10,7 @@
 # coordinated omission). Prints per round p50/p90/p99/p99.9/max, non-2xx, the service's rows
 # against its 2xx, and the medians with the service/floor p99 ratio.
 # env: MIX=zipf|uniform UA=none|browser CONNS=64 DURATION=10s SECONDS_PER_ROUND=20 WARMUP=3
-#      FRACTION=0.5 RATE= SERVICE_ENV="..." PG_NICE=0
+#      FRACTION=0.5 RATE= SERVICE_ENV="..." PG_NICE=0 PG_CPU=0 (PostgreSQL's core)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${1:-3}

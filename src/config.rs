@@ -99,6 +99,8 @@ pub struct Config {
     pub writer_concurrency: usize,
     /// A batch write taking longer than this is abandoned and the batch spooled.
     pub write_timeout: Duration,
+    /// The longest a live batch's COPY is spread over (0: not paced).
+    pub write_pace_max: Duration,
     pub max_future: Duration,
     pub max_age: Duration,
     pub accounts_refresh: Duration,
@@ -513,6 +515,15 @@ pub const SETTINGS: &[Setting] = &[
         "deadline for one batch transaction (and a dead-letter write); a slower one is abandoned, its connection closed and the batch spooled",
         |c, v| c.write_timeout = v,
     ),
+    ms(
+        "WRITE_PACE_MAX_MS",
+        "500",
+        0,
+        60_000,
+        "milliseconds (0 turns pacing off)",
+        "a live batch's COPY is streamed in 32 KiB pieces over half the time its events took to arrive, at most this long, so PostgreSQL works in short bursts; backlogs and replays go at full speed",
+        |c, v| c.write_pace_max = v,
+    ),
     int(
         "BATCH_MAX_ROWS",
         "50000",
@@ -867,6 +878,7 @@ impl Config {
             worker_threads: None,
             writer_concurrency: 0,
             write_timeout: Duration::ZERO,
+            write_pace_max: Duration::ZERO,
             max_future: Duration::ZERO,
             max_age: Duration::ZERO,
             accounts_refresh: Duration::ZERO,

@@ -285,12 +285,16 @@ pub async fn serve(
         query: config.db_query_timeout,
         migration: config.db_migration_timeout,
     };
-    let writer = Arc::new(PgWriter::new(
-        pool.clone(),
-        accounts.clone(),
-        stats.clone(),
-        deadlines,
-    ));
+    let writer = Arc::new(
+        PgWriter::new(pool.clone(), accounts.clone(), stats.clone(), deadlines).with_pacing(
+            writer::pace::Pacing {
+                // Well inside the write deadline, whatever it is set to.
+                max: config.write_pace_max.min(config.write_timeout / 4),
+                fraction: 0.5,
+                live_within: config.flush_interval * 2,
+            },
+        ),
+    );
     let status = Arc::new(write_side::Status {
         spool: spool.clone(),
         accounts,

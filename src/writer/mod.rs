@@ -15,6 +15,7 @@
 //! This side sees only [`Batch`]; it never reaches back into request handling.
 
 pub mod live;
+pub mod pace;
 pub mod quarantine;
 pub mod replay;
 pub mod retry;
@@ -35,6 +36,7 @@ use crate::batch::{AggKey, Batch, Counts, Row};
 use crate::db::{self, Conn, DbError};
 use crate::pgcopy::CopyEncoder;
 use crate::stats::Stats;
+use pace::{CopyPace, Pacing};
 pub use sink::{ErrorClass, Sink, WriteError, WriteSummary};
 
 const COPY_EVENTS: &str =
@@ -80,6 +82,8 @@ const MARK_SPLIT: &str = "INSERT INTO ingest_batches (id, events, split) VALUES 
 
 /// COPY data is streamed to the server in pieces of about this size.
 const COPY_CHUNK_BYTES: usize = 1 << 20;
+/// Aggregate keys per upsert statement (about 2 ms of backend work each).
+const UPSERT_CHUNK_KEYS: usize = 256;
 
 /// Deadlines for the calls the writer makes besides batch transactions
 /// (those are bounded by the retry policy).
@@ -97,6 +101,7 @@ pub struct PgWriter {
     accounts: Arc<AccountCache>,
     stats: Arc<Stats>,
     deadlines: Deadlines,
+    pacing: Pacing,
     ready: OnceCell<()>,
 }
 
@@ -131,8 +136,15 @@ impl PgWriter {
             accounts,
             stats,
             deadlines,
+            pacing: Pacing::OFF,
             ready: OnceCell::new(),
         }
+    }
+
+    /// Spreads live batches' COPY over time ([`pace`]); off by default.
+    pub fn with_pacing(mut self, pacing: Pacing) -> Self {
+        self.pacing = pacing;
+        self
     }
 
     /// Runs the migrations and loads the account cache, once per process;
@@ -188,8 +200,15 @@ impl PgWriter {
             Ok(self.accounts.resolve(&**conn, &batch.campaigns()).await?)
         })
         .await;
+        let age = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .saturating_sub(Duration::from_millis(
+                batch.oldest_received_ms().max(0) as u64
+            ));
+        let pace = CopyPace::new(self.pacing.budget(age), batch.len());
         let r = match accounts {
-            Ok(accounts) => write_on(&mut conn, batch, &accounts).await,
+            Ok(accounts) => write_on(&mut conn, batch, &accounts, &pace).await,
             Err(e) => Err(e.into()),
         };
         settle(conn, &r);
@@ -244,6 +263,7 @@ async fn write_on(
     conn: &mut Conn,
     batch: &Batch,
     accounts: &HashMap<Uuid, Uuid>,
+    pace: &CopyPace,
 ) -> Result<WriteSummary, WriteError> {
     let tx = conn.transaction().await?;
     match claim(&tx, batch).await? {
@@ -254,7 +274,7 @@ async fn write_on(
         }
     }
     let repeats = claim_event_ids(&tx, batch).await?;
-    let (written, unknown) = copy_events(&tx, batch, &repeats.rows, accounts).await?;
+    let (written, unknown) = copy_events(&tx, batch, &repeats.rows, accounts, pace).await?;
     upsert_aggregates(&tx, batch, &repeats.rows, accounts).await?;
     if unknown > 0 {
         copy_rejected(
@@ -456,21 +476,24 @@ async fn copy_events(
     batch: &Batch,
     skip: &[usize],
     accounts: &HashMap<Uuid, Uuid>,
+    pace: &CopyPace,
 ) -> Result<(u64, u64), tokio_postgres::Error> {
     let stmt = tx.prepare_cached(COPY_EVENTS).await?;
     let sink = tx.copy_in::<_, bytes::Bytes>(&stmt).await?;
     futures_util::pin_mut!(sink);
-    let mut enc = CopyEncoder::new(COPY_CHUNK_BYTES + 8192);
+    let chunk = pace.chunk_bytes(COPY_CHUNK_BYTES);
+    let mut enc = CopyEncoder::new(chunk + 8192);
     let (mut written, mut unknown) = (0u64, 0u64);
-    for row in kept_rows(batch, skip) {
+    for (i, row) in kept_rows(batch, skip).enumerate() {
         let Some(account) = accounts.get(&row.campaign_id) else {
             unknown += 1;
             continue;
         };
         encode_event(&mut enc, &row, account);
         written += 1;
-        if enc.len() >= COPY_CHUNK_BYTES {
+        if enc.len() >= chunk {
             sink.send(enc.take()).await?;
+            pace.wait(i + 1).await;
         }
     }
     sink.send(enc.finish()).await?;
@@ -562,16 +585,20 @@ async fn upsert_aggregates(
     }
     keys.sort_unstable_by_key(|(a, k, _)| (*a, k.ad_unit_id, k.campaign_id, k.hour));
     let n = |v: u64| i32::try_from(v).unwrap_or(i32::MAX);
-    let a: Vec<Uuid> = keys.iter().map(|k| k.0).collect();
-    let u: Vec<Uuid> = keys.iter().map(|k| k.1.ad_unit_id).collect();
-    let c: Vec<Uuid> = keys.iter().map(|k| k.1.campaign_id).collect();
-    let h: Vec<i64> = keys.iter().map(|k| k.1.hour).collect();
-    let i: Vec<i32> = keys.iter().map(|k| n(k.2.impressions)).collect();
-    let k: Vec<i32> = keys.iter().map(|k| n(k.2.clicks)).collect();
-    let ii: Vec<i32> = keys.iter().map(|k| n(k.2.invalid_impressions)).collect();
-    let ik: Vec<i32> = keys.iter().map(|k| n(k.2.invalid_clicks)).collect();
     let stmt = tx.prepare_cached(UPSERT_AGGREGATES).await?;
-    tx.execute(&stmt, &[&a, &u, &c, &h, &i, &k, &ii, &ik])
-        .await?;
+    // In pieces, in key order (the lock order holds across pieces): each
+    // statement is a short burst of work for the backend, not one long one.
+    for keys in keys.chunks(UPSERT_CHUNK_KEYS) {
+        let a: Vec<Uuid> = keys.iter().map(|k| k.0).collect();
+        let u: Vec<Uuid> = keys.iter().map(|k| k.1.ad_unit_id).collect();
+        let c: Vec<Uuid> = keys.iter().map(|k| k.1.campaign_id).collect();
+        let h: Vec<i64> = keys.iter().map(|k| k.1.hour).collect();
+        let i: Vec<i32> = keys.iter().map(|k| n(k.2.impressions)).collect();
+        let k: Vec<i32> = keys.iter().map(|k| n(k.2.clicks)).collect();
+        let ii: Vec<i32> = keys.iter().map(|k| n(k.2.invalid_impressions)).collect();
+        let ik: Vec<i32> = keys.iter().map(|k| n(k.2.invalid_clicks)).collect();
+        tx.execute(&stmt, &[&a, &u, &c, &h, &i, &k, &ii, &ik])
+            .await?;
+    }
     Ok(())
 }
