@@ -10,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../src"
 
-REQUEST=(server.rs http event.rs event_ids.rs journal.rs ivt.rs shard.rs admission.rs coordinator.rs)
+REQUEST=(server.rs server http event.rs event_ids.rs journal.rs ivt.rs shard.rs admission.rs coordinator.rs)
 WRITE=(writer pgcopy.rs spool.rs accounts.rs db.rs tls.rs maintenance.rs)
 SHARED=(batch.rs stats.rs telemetry.rs ipset.rs recent.rs)
 WRITE_MODS='writer|accounts|db|spool|pgcopy|tls|write_side|maintenance'

@@ -16,6 +16,7 @@
 # server-side p99 from /health and the service's RSS; then medians and the service/floor ratios.
 # ALT_ENV="ACK_MODE=durable" (say) adds a second service round per round with those settings
 # on top of SERVICE_ENV, and prints its medians and its ratios to the floor and to the service.
+# ALT_BIN=/path/to/ingest runs the alt rounds with another build (an A/B of a code change).
 # EVENT_ID=1 adds a fresh event_id to every request (scripts/wrk/with-id.lua).
 # env: CONNS=64 DURATION=10s SERVICE_ENV="..." ALT_ENV="..." PG_NICE=0 (nice value for PostgreSQL, see README)
 set -euo pipefail
@@ -71,10 +72,11 @@ DUR_S=$(echo "$DURATION" | sed 's/s$//')
 
 # One service round with extra settings $2 (label $1); appends to the arrays named by prefix $3.
 service_round() {
-  local label=$1 extra=$2 pre=$3
+  local label=$1 extra=$2 pre=$3 bin=./target/release/ingest
+  if [ "$pre" = A ] && [ -n "${ALT_BIN:-}" ]; then bin=$ALT_BIN; fi
   PSQL -c "TRUNCATE events, metrics_hourly, rejected_events, ingest_batches, event_ids" >/dev/null
   env PORT=$SPORT HOST=127.0.0.1 WORKER_THREADS=1 LOG_LEVEL=warn SPOOL_DIR="$WORK/spool" ${SERVICE_ENV:-} $extra \
-    taskset -c 0 ./target/release/ingest 2>>"$WORK/service.log" &
+    taskset -c 0 "$bin" 2>>"$WORK/service.log" &
   SVC_PID=$!
   for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$SPORT/health" >/dev/null && break; sleep 0.1; done
   local S0 P0 S1 P1 R RSS H ROWS N BAD SCPU SPCPU RS SP99
@@ -111,7 +113,7 @@ for r in $(seq 1 "$ROUNDS"); do
   echo "round $r floor:   $R cpu_us_per_req=$FCPU"
 
   service_round service "" S
-  if [ -n "${ALT_ENV:-}" ]; then service_round "alt ($ALT_ENV)" "$ALT_ENV" A; fi
+  if [ -n "${ALT_ENV:-}${ALT_BIN:-}" ]; then service_round "alt (${ALT_BIN:-} ${ALT_ENV:-})" "${ALT_ENV:-}" A; fi
 done
 
 median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
@@ -119,9 +121,9 @@ FR=$(median "${F_RPS[@]}"); SR=$(median "${S_RPS[@]}"); FC=$(median "${F_CPU[@]}
 echo "median floor:   rps=$FR p99_us=$(median "${F_P99[@]}") cpu_us_per_req=$FC"
 echo "median service: rps=$SR p50_us=$(median "${S_P50[@]}") p99_us=$(median "${S_P99[@]}") cpu_us_per_event=$SC with_pg=$SPC rows_per_s=$(median "${S_ROWS[@]}")"
 echo "ratios service/floor: rps=$(echo "scale=3; $SR / $FR" | bc) cpu=$(echo "scale=3; $SC / $FC" | bc) cpu_with_pg=$(echo "scale=3; $SPC / $FC" | bc)"
-if [ -n "${ALT_ENV:-}" ]; then
+if [ -n "${ALT_ENV:-}${ALT_BIN:-}" ]; then
   AR=$(median "${A_RPS[@]}"); AC=$(median "${A_CPU[@]}"); APC=$(median "${AP_CPU[@]}")
-  echo "median alt ($ALT_ENV): rps=$AR p50_us=$(median "${A_P50[@]}") p99_us=$(median "${A_P99[@]}") cpu_us_per_event=$AC with_pg=$APC rows_per_s=$(median "${A_ROWS[@]}")"
+  echo "median alt (${ALT_BIN:-} ${ALT_ENV:-}): rps=$AR p50_us=$(median "${A_P50[@]}") p99_us=$(median "${A_P99[@]}") cpu_us_per_event=$AC with_pg=$APC rows_per_s=$(median "${A_ROWS[@]}")"
   echo "ratios alt/floor: rps=$(echo "scale=3; $AR / $FR" | bc) cpu=$(echo "scale=3; $AC / $FC" | bc) cpu_with_pg=$(echo "scale=3; $APC / $FC" | bc)"
   echo "ratios alt/service: rps=$(echo "scale=3; $AR / $SR" | bc) cpu=$(echo "scale=3; $AC / $SC" | bc) cpu_with_pg=$(echo "scale=3; $APC / $SPC" | bc)"
 fi

@@ -113,7 +113,8 @@ pub struct Config {
     pub max_buffered_bytes: u64,
     /// Open client connections; further ones wait in the listen backlog.
     pub max_connections: usize,
-    /// A client must send a complete request head within this (slow-loris guard).
+    /// A connection may wait this long for a complete request head, idle
+    /// keep-alive included (slow-loris guard; cut at 1–1.5× this).
     pub header_read_timeout: Duration,
     /// A client must send a complete request body within this.
     pub body_read_timeout: Duration,
@@ -613,7 +614,7 @@ pub const SETTINGS: &[Setting] = &[
         100,
         600_000,
         "milliseconds",
-        "time allowed for a complete request head",
+        "time a connection may wait for a complete request head, idle keep-alive included; checked by a per-connection watchdog every half of it, so the cut comes at 1–1.5× this",
         |c, v| c.header_read_timeout = v,
     ),
     ms(

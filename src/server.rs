@@ -1,9 +1,11 @@
 //! The accept loop: one hyper HTTP/1.1 connection task per socket.
 //!
-//! Owns connection-level policy (keep-alive, header read timeout, buffer
-//! size) and the first half of shutdown: when told to stop it closes the
-//! listener, lets in-flight requests finish and closes idle keep-alive
-//! connections, waiting at most until the deadline.
+//! Owns connection-level policy (keep-alive, the slow-loris guard in
+//! `server::stall`, buffer size) and the first half of shutdown: when told to stop
+//! it closes the listener, lets in-flight requests finish and closes idle
+//! keep-alive connections, waiting at most until the deadline.
+
+mod stall;
 
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr};
@@ -12,7 +14,7 @@ use std::time::Duration;
 
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::time::Instant;
@@ -28,7 +30,8 @@ pub const MAX_HEAD_BYTES: usize = 64 * 1024;
 pub struct Limits {
     /// Open connections at most; the next client waits in the listen backlog.
     pub max_connections: usize,
-    /// Time allowed for a complete request head (slow-loris guard).
+    /// Time a connection may wait for a complete request head, idle
+    /// keep-alive included (slow-loris guard, `server::stall`).
     pub header_read_timeout: Duration,
 }
 
@@ -48,10 +51,11 @@ pub async fn run(
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
     let graceful = GracefulShutdown::new();
     let mut builder = http1::Builder::new();
+    // No timer: hyper's per-request header timeout is replaced by the
+    // per-connection watchdog in `stall`.
     builder
-        .timer(TokioTimer::new())
         .keep_alive(true)
-        .header_read_timeout(limits.header_read_timeout)
+        .header_read_timeout(None)
         .max_buf_size(MAX_HEAD_BYTES);
     tokio::pin!(shutdown);
     loop {
@@ -65,14 +69,26 @@ pub async fn run(
                     let peer = stream
                         .peer_addr()
                         .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |a| a.ip());
+                    let progress = stall::Progress::new();
+                    let steps = progress.clone();
                     let conn = builder.serve_connection(
                         TokioIo::new(stream),
-                        service_fn(move |req| http::handle(state.clone(), on, peer, req)),
+                        service_fn(move |req| {
+                            steps.head_in();
+                            let steps = steps.clone();
+                            let answer = http::handle(state.clone(), on, peer, req);
+                            async move {
+                                let response = answer.await;
+                                steps.response_out();
+                                response
+                            }
+                        }),
                     );
                     let conn = graceful.watch(conn);
+                    let timeout = limits.header_read_timeout;
                     tokio::spawn(async move {
                         // Client resets and timeouts end a connection; nothing to report.
-                        let _ = conn.await;
+                        stall::guard(conn, &progress, timeout).await;
                         drop(slot);
                     });
                 }

@@ -404,6 +404,32 @@ async fn a_corpus_of_hostile_requests_gets_4xx_and_stores_nothing() {
         Ok(true),
         "slow client disconnected by the header read timeout"
     );
+    // A keep-alive client that sends a request every 200 ms keeps its connection
+    // for longer than the timeout; once it stops, the idle connection is closed.
+    let mut kept = tokio::net::TcpStream::connect(app.addr)
+        .await
+        .expect("connect");
+    let probe = b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n";
+    for i in 0..8 {
+        kept.write_all(probe)
+            .await
+            .expect("write on the kept connection");
+        let n = tokio::time::timeout(Duration::from_secs(2), kept.read(&mut buf))
+            .await
+            .expect("answer in time")
+            .expect("read");
+        assert!(
+            buf[..n].starts_with(b"HTTP/1.1 200"),
+            "request {i} on the kept connection: {:?}",
+            String::from_utf8_lossy(&buf[..n])
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let closed = tokio::time::timeout(Duration::from_secs(3), kept.read(&mut buf)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "idle keep-alive connection closed: {closed:?}"
+    );
     let h = app.health().await.expect("health");
     assert_eq!(h["status"], "healthy");
     assert_eq!(h["pipeline"]["accepted"], 0);
