@@ -6,6 +6,10 @@
 # for the middle of the run. Prints the share of core 0 per thread (service request threads,
 # write thread, each PostgreSQL backend kind, kernel idle) and the hottest symbols of the
 # service and of PostgreSQL. Needs `perf` (apt: linux-tools / linux-perf).
+# PERF_RECORD="-F 499 --call-graph dwarf,8192" unwinds through code built without frame
+# pointers (the release build), for CALLERS.
+# CALLERS=symbol adds the call chains into that symbol on the request thread (e.g.
+# CALLERS=__memmove_avx512_unaligned_erms: who copies).
 # env: DURATION=20s CONNS=64 SERVICE_ENV="..." TOP=40 RATE=  (RATE=N: oha-style fixed rate is not
 # used here; this is the closed-loop saturated profile)
 set -euo pipefail
@@ -34,7 +38,7 @@ DUR_S=${DURATION%s}
 taskset -c 1 wrk -t1 -c"$CONNS" -d"$DURATION" --latency -s "$WRK_SCRIPT" "http://127.0.0.1:$SPORT" >"$WORK/wrk.out" 2>&1 &
 WRK=$!
 sleep 2
-perf record -q -C 0 -F 1999 -g -o "$WORK/perf.data" -- sleep $((DUR_S - 4)) 2>/dev/null
+perf record -q -C 0 ${PERF_RECORD:--F 1999 -g} -o "$WORK/perf.data" -- sleep $((DUR_S - 4)) 2>/dev/null
 wait "$WRK"
 grep ^RESULT "$WORK/wrk.out"
 echo "== core 0 by thread (comm) =="
@@ -46,3 +50,8 @@ for comm in ingest-worker ingest-writer postgres; do
   perf report -i "$WORK/perf.data" --no-children --comm "$comm" --sort sym --stdio -g none 2>/dev/null \
     | grep -E "^ +[0-9]" | head -"$TOP" || true
 done
+if [ -n "${CALLERS:-}" ]; then
+  echo "== callers of $CALLERS on ingest-worker =="
+  perf report -i "$WORK/perf.data" --no-children --comm ingest-worker --symbols "$CALLERS" \
+    --stdio -G --percent-limit 0.05 2>/dev/null | grep -v "^#" | grep -v "^$" | head -${CALLER_LINES:-300} || true
+fi
