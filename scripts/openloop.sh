@@ -11,6 +11,7 @@
 # against its 2xx, and the medians with the service/floor p99 ratio.
 # env: MIX=zipf|uniform UA=none|browser CONNS=64 DURATION=10s SECONDS_PER_ROUND=20 WARMUP=3
 #      FRACTION=0.5 RATE= SERVICE_ENV="..." PG_NICE=0 PG_CPU=0 (PostgreSQL's core)
+#      ALT_BIN=/path/to/ingest (a third round per round with another build: an A/B of a change)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${1:-3}
@@ -68,15 +69,12 @@ fi
 echo "open-loop rate: $RATE req/s, $SECS s per round (first $WARMUP s not measured), $CONNS connections"
 load() { taskset -c 1 ./target/release/examples/openloop "127.0.0.1:$1" "$RATE" "$SECS" "$CONNS" "$WARMUP" | tee -a "$WORK/timeline" | grep ^RESULT; }
 
-F_P99=(); F_P50=(); S_P99=(); S_P50=(); S_P999=(); F_P999=()
-for r in $(seq 1 "$ROUNDS"); do
-  C0=$(tree_ticks "$NGINX_PID"); R=$(load "$FPORT"); C1=$(tree_ticks "$NGINX_PID")
-  F_P99+=("$(res "$R" p99_us)"); F_P50+=("$(res "$R" p50_us)"); F_P999+=("$(res "$R" p999_us)")
-  echo "round $r floor:   $R cpu_us_per_req=$(per_req $((C1 - C0)) "$(res "$R" answered)")"
-
+# One service round with build $2 (label $1); appends to the arrays named by prefix $3.
+service_round() {
+  local label=$1 bin=$2 pre=$3 S0 P0 S1 S2 P1 R ROWS OK
   PSQL -c "TRUNCATE events, metrics_hourly, rejected_events, ingest_batches, event_ids" >/dev/null
   env PORT=$SPORT HOST=127.0.0.1 WORKER_THREADS=1 LOG_LEVEL=warn SPOOL_DIR="$WORK/spool" ${SERVICE_ENV:-} \
-    taskset -c 0 ./target/release/ingest 2>>"$WORK/service.log" &
+    taskset -c 0 "$bin" 2>>"$WORK/service.log" &
   SVC_PID=$!
   for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$SPORT/health" >/dev/null && break; sleep 0.1; done
   S0=$(ticks "$SVC_PID"); P0=$(tree_ticks "$PG_PID")
@@ -87,11 +85,26 @@ for r in $(seq 1 "$ROUNDS"); do
   kill -TERM "$SVC_PID"; wait "$SVC_PID" || true; SVC_PID=""
   ROWS=$(PSQL -Atc "SELECT count(*) FROM events")
   OK=$(( $(res "$R" answered) - $(res "$R" non2xx) ))
-  S_P99+=("$(res "$R" p99_us)"); S_P50+=("$(res "$R" p50_us)"); S_P999+=("$(res "$R" p999_us)")
-  echo "round $r service: $R rows=$ROWS 2xx=$OK cpu_us_per_req=$(per_req $((S1 - S0)) "$(res "$R" answered)") with_pg_until_committed=$(per_req $((S2 - S0 + P1 - P0)) "$ROWS")"
+  eval "${pre}_P99+=(\"$(res "$R" p99_us)\"); ${pre}_P50+=(\"$(res "$R" p50_us)\"); ${pre}_P999+=(\"$(res "$R" p999_us)\")"
+  echo "round $r $label: $R rows=$ROWS 2xx=$OK cpu_us_per_req=$(per_req $((S1 - S0)) "$(res "$R" answered)") with_pg_until_committed=$(per_req $((S2 - S0 + P1 - P0)) "$ROWS")"
+}
+
+F_P99=(); F_P50=(); S_P99=(); S_P50=(); S_P999=(); F_P999=(); A_P99=(); A_P50=(); A_P999=()
+for r in $(seq 1 "$ROUNDS"); do
+  C0=$(tree_ticks "$NGINX_PID"); R=$(load "$FPORT"); C1=$(tree_ticks "$NGINX_PID")
+  F_P99+=("$(res "$R" p99_us)"); F_P50+=("$(res "$R" p50_us)"); F_P999+=("$(res "$R" p999_us)")
+  echo "round $r floor:   $R cpu_us_per_req=$(per_req $((C1 - C0)) "$(res "$R" answered)")"
+
+  service_round "service" ./target/release/ingest S
+  if [ -n "${ALT_BIN:-}" ]; then service_round "alt ($ALT_BIN)" "$ALT_BIN" A; fi
 done
 FP=$(median "${F_P99[@]}"); SP=$(median "${S_P99[@]}")
 echo "median floor:   rate=$RATE p50_us=$(median "${F_P50[@]}") p99_us=$FP p999_us=$(median "${F_P999[@]}")"
 echo "median service: rate=$RATE p50_us=$(median "${S_P50[@]}") p99_us=$SP p999_us=$(median "${S_P999[@]}")"
 echo "ratio service/floor p99: $(echo "scale=2; $SP / $FP" | bc)"
+if [ -n "${ALT_BIN:-}" ]; then
+  AP=$(median "${A_P99[@]}")
+  echo "median alt:     rate=$RATE p50_us=$(median "${A_P50[@]}") p99_us=$AP p999_us=$(median "${A_P999[@]}")"
+  echo "ratio alt/floor p99: $(echo "scale=2; $AP / $FP" | bc)"
+fi
 if [ "${TIMELINE:-0}" = 1 ]; then echo "== per-second latency, all rounds in order =="; grep ^second "$WORK/timeline"; fi

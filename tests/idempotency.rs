@@ -230,3 +230,54 @@ async fn repeats_the_memory_forgot_are_caught_by_the_database_even_within_one_ba
     );
     assert_eq!(aggregate_drift(&db).await, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeat_deep_in_a_large_batch_undoes_the_claim_and_keeps_every_new_id() {
+    // The second batch's 1,200 new ids sort before its 600 repeats: the claim
+    // of the whole batch meets the repeats last, must be undone and made again
+    // without them, and every new id kept exactly once.
+    let camps = campaigns(1, 1);
+    let db_url = fresh_database().await;
+    prepare_database(&db_url, &camps).await;
+    let run = || {
+        TestApp::builder()
+            .database(db_url.clone())
+            .unseeded()
+            .setting("EVENT_ID_MEMORY_MAX", 32)
+            .setting("FLUSH_INTERVAL_MS", 60_000)
+            .setting("FLUSH_MAX_EVENTS", 20_000)
+    };
+    let app = run().start().await;
+    let c = camps[0].id;
+    let id_with_top = |top: u8| {
+        let mut b = *Uuid::new_v4().as_bytes();
+        b[0] = top;
+        Uuid::from_bytes(b)
+    };
+    let high: Vec<Uuid> = (0..600).map(|_| id_with_top(0xff)).collect();
+    let low: Vec<Uuid> = (0..1_200).map(|_| id_with_top(0x00)).collect();
+    for id in &high {
+        assert_eq!(app.post(&with_id(c, AD_UNIT, *id)).await, 204);
+    }
+    let (report, db) = app.shutdown().await;
+    assert_eq!(report.unwritten, 0);
+    assert_eq!(count(&db, "events").await, 600);
+    // A second run on the same database: one batch of 1,800, the 600 repeats last.
+    let app = run().start().await;
+    for id in low.iter().chain(&high) {
+        assert_eq!(app.post(&with_id(c, AD_UNIT, *id)).await, 204);
+    }
+    let h = app.health().await.expect("health");
+    let (report, db) = app.shutdown().await;
+    assert_eq!(report.unwritten, 0);
+    assert_eq!(count(&db, "events").await, 1_800, "each id once");
+    assert_eq!(billed_impressions(&db).await, 1_800);
+    assert_eq!(count(&db, "event_ids").await, 1_800);
+    for id in [low[0], low[1_199], high[0]] {
+        assert_eq!(rows_with_id(&db, id).await, 1, "{id}");
+    }
+    let memory = h["event_ids"]["repeated_in_memory"].as_u64().unwrap_or(0);
+    assert!(memory < 600, "the memory missed some: {memory} of 600");
+    assert_eq!(aggregate_drift(&db).await, 0);
+    assert_verified(&db_url);
+}
