@@ -784,7 +784,7 @@ pub const SETTINGS: &[Setting] = &[
         32,
         1_000_000_000,
         "a count of clicks",
-        "clicks remembered for deduplication at most; when full the older half is forgotten early (so a duplicate may count again, a first click never fails)",
+        "clicks remembered for deduplication at most (rounded down so each of the 32 tables fills a power-of-two allocation: 917,504 at the default); when full the older half is forgotten early (so a duplicate may count again, a first click never fails)",
         |c, v| c.click_dedup_max = v as usize,
     ),
     int(
@@ -802,7 +802,7 @@ pub const SETTINGS: &[Setting] = &[
         32,
         1_000_000_000,
         "a count of ids",
-        "event ids each replica remembers, so a repeat costs no database work; beyond this the database still decides",
+        "event ids each replica remembers at most (rounded down as for `CLICK_DEDUP_MAX`: 917,504 at the default, about 35 MB), so a repeat costs no database work; beyond this the database still decides",
         |c, v| c.event_id_memory_max = v as usize,
     ),
     int(
