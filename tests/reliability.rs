@@ -341,7 +341,7 @@ async fn a_corpus_of_hostile_requests_gets_4xx_and_stores_nothing() {
     let camps = campaigns(1, 1);
     let app = TestApp::builder()
         .campaigns(&camps)
-        .setting("HEADER_READ_TIMEOUT_MS", 300)
+        .setting("HEADER_READ_TIMEOUT_MS", 500)
         .start()
         .await;
     let c = camps[0].id;
@@ -404,13 +404,13 @@ async fn a_corpus_of_hostile_requests_gets_4xx_and_stores_nothing() {
         Ok(true),
         "slow client disconnected by the header read timeout"
     );
-    // A keep-alive client that sends a request every 200 ms keeps its connection
-    // for longer than the timeout; once it stops, the idle connection is closed.
+    // A keep-alive client that sends a request every 100 ms keeps its connection
+    // for more than twice the timeout; once it stops, the idle connection is closed.
     let mut kept = tokio::net::TcpStream::connect(app.addr)
         .await
         .expect("connect");
     let probe = b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n";
-    for i in 0..8 {
+    for i in 0..12 {
         kept.write_all(probe)
             .await
             .expect("write on the kept connection");
@@ -423,7 +423,7 @@ async fn a_corpus_of_hostile_requests_gets_4xx_and_stores_nothing() {
             "request {i} on the kept connection: {:?}",
             String::from_utf8_lossy(&buf[..n])
         );
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let closed = tokio::time::timeout(Duration::from_secs(3), kept.read(&mut buf)).await;
     assert!(
