@@ -126,7 +126,7 @@ fn fitted(n: usize) -> usize {
     if n < 16 {
         return n.max(1);
     }
-    let slots = 1usize << (usize::BITS - 1 - (n / 7 * 8).leading_zeros());
+    let slots = 1usize << (n / 7 * 8).ilog2();
     slots / 8 * 7
 }
 
