@@ -8,8 +8,8 @@
 #   bench_db WORK PGPORT         for the bench scripts: release build, a throw-away
 #                                PostgreSQL pinned to core ${PG_CPU:-0} (shared/bench/pg-up.sh) in
 #                                WORK/pg, migrated, with the 500 fixture campaigns;
-#                                exports DATABASE_URL and defines PSQL; PARTITION=1
-#                                partitions `events` by day
+#                                exports DATABASE_URL and defines PSQL (`events` is
+#                                partitioned by day: migration V6 creates it so)
 #
 # As root the server runs as OS user `postgres` (PostgreSQL refuses root).
 
@@ -91,8 +91,6 @@ bench_db() {
   export DATABASE_URL
   PSQL() { "$PGBIN/psql" -X -q -v ON_ERROR_STOP=1 "$DATABASE_URL" "$@"; }
   ./target/release/ingest migrate 2>/dev/null
-  # PARTITION=1: `events` partitioned by day (what `ingest migrate --partition-events` does).
-  if [ "${PARTITION:-0}" = 1 ]; then ./target/release/ingest migrate --partition-events >/dev/null 2>&1; fi
   PSQL -f "$BENCH/fixtures/fixtures.sql" >/dev/null
 }
 
