@@ -12,6 +12,8 @@
 # env: MIX=zipf|uniform UA=none|browser CONNS=64 DURATION=10s SECONDS_PER_ROUND=20 WARMUP=3
 #      FRACTION=0.5 RATE= SERVICE_ENV="..." PG_NICE=0 PG_CPU=0 (PostgreSQL's core)
 #      ALT_BIN=/path/to/ingest (a third round per round with another build: an A/B of a change)
+#      SCHED=1: `perf sched record -C 0` for 4 s in the first service round, then who preempted
+#      the request thread (ingest-worker), how often and for how long until it ran again
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${1:-3}
@@ -69,6 +71,19 @@ fi
 echo "open-loop rate: $RATE req/s, $SECS s per round (first $WARMUP s not measured), $CONNS connections"
 load() { taskset -c 1 ./target/release/examples/openloop "127.0.0.1:$1" "$RATE" "$SECS" "$CONNS" "$WARMUP" | tee -a "$WORK/timeline" | grep ^RESULT; }
 
+# Preemptions of the request thread in $WORK/sched.data: a switch away from ingest-worker
+# while runnable (prev_state R) until it runs again, by what took the core first.
+sched_report() {
+  echo "== request thread preempted (perf sched, core 0, 4 s) =="
+  perf script -i "$WORK/sched.data" -F time,trace 2>/dev/null | awk '
+    /prev_comm=ingest-worker / && / prev_state=R/ { t = $1 + 0; n = $0; sub(/.*next_comm=/, "", n); sub(/ .*/, "", n); by = n; next }
+    /next_comm=ingest-worker / && t > 0 { d = ($1 - t) * 1000; c[by]++; ms[by] += d; all++; tot += d; if (d > 1) { big++; bigms += d }; t = 0 }
+    END {
+      printf "%d preemptions, %.1f ms until it ran again; %d over 1 ms (%.1f ms)\n", all, tot, big, bigms
+      for (k in c) printf "  first to run: %-20s %6d times %8.1f ms\n", k, c[k], ms[k]
+    }'
+}
+
 # One service round with build $2 (label $1); appends to the arrays named by prefix $3.
 service_round() {
   local label=$1 bin=$2 pre=$3 S0 P0 S1 S2 P1 R ROWS OK
@@ -78,8 +93,14 @@ service_round() {
   SVC_PID=$!
   for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$SPORT/health" >/dev/null && break; sleep 0.1; done
   S0=$(ticks "$SVC_PID"); P0=$(tree_ticks "$PG_PID")
+  local SCHED_PID=""
+  if [ "${SCHED:-0}" = 1 ] && [ "$r" = 1 ] && [ "$pre" = S ]; then
+    (sleep $((WARMUP + 3)); perf sched record -q -C 0 -o "$WORK/sched.data" -- sleep 4 >/dev/null 2>&1) &
+    SCHED_PID=$!
+  fi
   R=$(load "$SPORT")
   S1=$(ticks "$SVC_PID")
+  if [ -n "$SCHED_PID" ]; then wait "$SCHED_PID" || true; sched_report; fi
   for _ in $(seq 1 300); do [ "$(curl -s "http://127.0.0.1:$SPORT/health" | field '["pipeline"]["buffered"]')" = 0 ] && break; sleep 0.1; done
   S2=$(ticks "$SVC_PID"); P1=$(tree_ticks "$PG_PID")
   kill -TERM "$SVC_PID"; wait "$SVC_PID" || true; SVC_PID=""
